@@ -491,7 +491,6 @@ class SimDevice:
             if self.replaced_in_a_row >= self.config.max_replaced:
                 return None
             return replaced_delay(self.rng, cap_s=cap)
-        self.replaced_in_a_row = 0
         delay = backoff_delay(self._attempt, self.rng, base_s=self.config.base_backoff_s, cap_s=cap)
         self._attempt += 1
         return delay
@@ -573,6 +572,8 @@ class SimDevice:
                 break
             if self._session_acked_report:
                 self._attempt = 0
+                if code != 4409:
+                    self.replaced_in_a_row = 0
             delay = self.next_delay(code)
             if delay is None:
                 self.stopped = True
