@@ -548,6 +548,22 @@ class SimDevice:
         self.stats.commands_canceled += 1
         return True
 
+    def record_ack(self, cid: str, ack: dict[str, Any]) -> None:
+        """Remember an ack about to be sent on the current session."""
+        self._remember(cid, _AckRecord(ack, False, self.session))
+
+    def ack_replied(self, cid: str, code: int) -> None:
+        """Note the server's reply to an ack: taken (0), or final already (404/409), or to be resent."""
+        rec = self._acks.get(cid)
+        if rec is None:
+            return
+        if code in (0, 404, 409):
+            rec.confirmed = True
+            if code == 0:
+                self.stats.acks_confirmed += 1
+        else:
+            rec.session = -1  # not taken (429, 5xx): a redelivery gets the remembered ack again
+
     def _ack_values(self, cid: str, result: CommandResult) -> dict[str, Any]:
         """The ``/api/command/ack`` values for a result."""
         return {"command_id": cid, "ok": result.ok, "code": result.code, "msg": result.msg[:MAX_MSG_CHARS],
@@ -741,15 +757,7 @@ class SimDevice:
             self.stats.reports_acked += 1
             self._session_acked_report = True
         elif service == "/api/command/ack" and command_id is not None:
-            rec = self._acks.get(command_id)
-            if rec is None:
-                return
-            if code in (0, 404, 409):
-                rec.confirmed = True
-                if code == 0:
-                    self.stats.acks_confirmed += 1
-            else:
-                rec.session = -1  # not taken: a redelivery gets the remembered ack again
+            self.ack_replied(command_id, code)
             self.stats.notify()
 
     async def _on_push(self, ws: ClientConnection, msg: dict[str, Any]) -> None:
@@ -790,7 +798,7 @@ class SimDevice:
 
     async def _ack(self, ws: ClientConnection, cid: str, ack: dict[str, Any]) -> None:
         """Send an ack and remember it for de-duplication."""
-        self._remember(cid, _AckRecord(ack, False, self.session))
+        self.record_ack(cid, ack)
         self.stats.acks_sent += 1
         if not ack["ok"]:
             self.stats.acks_failed += 1
