@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Hub  # noqa: E402
+from common import Hub
 
 
 async def _send(ws: web.WebSocketResponse, frame: str) -> None:

@@ -20,7 +20,7 @@ from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Hub  # noqa: E402
+from common import Hub
 
 
 async def _send(ws: ServerConnection, frame: str) -> None:

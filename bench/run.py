@@ -1,0 +1,753 @@
+"""`fleetpush bench`: drive the fleetpush core and each peer server with the same C load generator.
+
+For every server, connection count and repeat, the driver starts a fresh server pinned to CPU 0,
+runs `bench/build/loadgen` pinned to CPU 1 through the phases idle -> broadcast -> reqresp ->
+ingest -> command on the same logged-in device connections, stops the server by its PID, and
+finally prints medians with ratios of fleetpush to each peer. Results go to
+`bench/results/latest.json` and `bench/results/latest.md`. Loopback only; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import hmac
+import json
+import os
+import platform
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+BUILD = BENCH / "build"
+RESULTS = BENCH / "results"
+PYLIB = BUILD / "pylib"
+LOADGEN_SRC = BENCH / "loadgen.c"
+LOADGEN = BUILD / "loadgen"
+AIOHTTP_PIN = "aiohttp==3.14.5"
+SERVERS = ("fleetpush", "node", "aiohttp", "websockets")
+PEERS = SERVERS[1:]
+HOST = "127.0.0.1"
+ADMIN_PASSWORD = "bench-admin-" + secrets.token_hex(6)
+DEVICE_SECRET = "bench-fleet-" + secrets.token_hex(8)
+
+# (scenario, metric key, label, unit, higher is better)
+METRICS: list[tuple[str, str, str, str, bool]] = [
+    ("broadcast", "deliveries_per_s", "broadcast deliveries/s", "1/s", True),
+    ("broadcast", "latency_p50_ms", "broadcast send→last receipt p50", "ms", False),
+    ("broadcast", "latency_p99_ms", "broadcast send→last receipt p99", "ms", False),
+    ("reqresp", "replies_per_s", "request/response replies/s", "1/s", True),
+    ("reqresp", "half_p50_ms", "request/response p50 at half rate", "ms", False),
+    ("reqresp", "half_p99_ms", "request/response p99 at half rate", "ms", False),
+    ("ingest", "latency_p50_ms", "ingest report→push p50", "ms", False),
+    ("ingest", "latency_p99_ms", "ingest report→push p99", "ms", False),
+    ("ingest", "stored_per_s", "ingest reports stored/s", "1/s", True),
+    ("ingest", "dropped", "ingest reports not pushed", "", False),
+    ("command", "latency_p50_ms", "command HTTP→device→ack p50", "ms", False),
+    ("command", "latency_p99_ms", "command HTTP→device→ack p99", "ms", False),
+    ("idle", "rss_per_conn_kib", "RSS per idle connection", "KiB", False),
+    ("idle", "conns_per_s", "connections opened/s (login incl.)", "1/s", True),
+]
+SCENARIOS = ("broadcast", "reqresp", "ingest", "command", "idle")
+
+
+@dataclass
+class Profile:
+    """Sizes and phase durations of one benchmark run."""
+
+    sizes: list[int]
+    repeats: int
+    idle_s: float
+    bcast_lat_s: float
+    bcast_count: int
+    bcast_sat_s: float
+    req_s: float
+    ingest_s: float
+    cmd_s: float
+    cmd_rate: int
+    drain_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+FULL = Profile([1000, 5000, 10000], 3, 2.0, 6.0, 20, 5.0, 5.0, 5.0, 4.0, 100, 3.0)
+QUICK = Profile([300], 1, 0.5, 1.5, 5, 1.5, 1.5, 2.0, 1.5, 50, 2.0)
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr; the table goes to stdout."""
+    print(f"[bench {datetime.now(UTC):%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
+
+
+def raise_nofile() -> None:
+    """Child pre-exec: raise RLIMIT_NOFILE's soft limit to the hard limit (10k sockets + slack)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def free_port(pair: bool = False) -> int:
+    """A free loopback TCP port (and port+1 when `pair`)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        if port > 65000:
+            continue
+        if not pair:
+            return port
+        with socket.socket() as s2:
+            try:
+                s2.bind((HOST, port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free loopback port found")
+
+
+# ---------------------------------------------------------------- preparation
+
+
+def build_loadgen() -> Path:
+    """Compile the C load generator into bench/build/ when the source is newer."""
+    BUILD.mkdir(exist_ok=True)
+    if LOADGEN.exists() and LOADGEN.stat().st_mtime >= LOADGEN_SRC.stat().st_mtime:
+        return LOADGEN
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if not gcc:
+        raise RuntimeError("gcc not found: the load generator is C (apt-get install gcc)")
+    cmd = [gcc, "-O2", "-Wall", "-o", str(LOADGEN), str(LOADGEN_SRC)]
+    log("building " + " ".join(cmd))
+    subprocess.run(cmd, check=True, timeout=120)
+    return LOADGEN
+
+
+def ensure_node_ws() -> str | None:
+    """Install the pinned `ws` into bench/node_modules; returns why the Node peer can't run, or None."""
+    if not shutil.which("node"):
+        return "node not found"
+    if (BENCH / "node_modules" / "ws" / "package.json").exists():
+        return None
+    npm = shutil.which("npm")
+    if not npm:
+        return "npm not found"
+    log("npm ci (ws, pinned in bench/package-lock.json)")
+    r = subprocess.run(
+        [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+        cwd=BENCH,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if r.returncode != 0:
+        return f"npm ci failed: {r.stderr.strip()[-300:]}"
+    return None
+
+
+def ensure_aiohttp() -> tuple[str | None, dict[str, str]]:
+    """aiohttp for the aiohttp peer: the venv's, else pip-installed into bench/build/pylib."""
+    probe = [sys.executable, "-c", "import aiohttp; print(aiohttp.__version__)"]
+    if subprocess.run(probe, capture_output=True, timeout=60).returncode == 0:
+        return None, {}
+    env = {"PYTHONPATH": str(PYLIB)}
+    if subprocess.run(probe, capture_output=True, timeout=60, env={**os.environ, **env}).returncode == 0:
+        return None, env
+    log(f"pip install {AIOHTTP_PIN} into {PYLIB}")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "--target",
+            str(PYLIB),
+            AIOHTTP_PIN,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if r.returncode != 0:
+        return f"pip install {AIOHTTP_PIN} failed: {r.stderr.strip()[-300:]}", {}
+    return None, env
+
+
+def fleetpush_cmd() -> list[str] | None:
+    """How to start the core: the venv's `fleetpush` script, else `python -m core`."""
+    script = Path(sys.executable).parent / "fleetpush"
+    if not (ROOT / "core" / "__main__.py").exists():
+        return None
+    if script.exists():
+        return [str(script), "serve"]
+    return [sys.executable, "-m", "core", "serve"]
+
+
+def versions() -> dict[str, str]:
+    """Versions of what is measured."""
+    out: dict[str, str] = {"python": platform.python_version()}
+    with contextlib.suppress(Exception):
+        out["node"] = subprocess.run(
+            ["node", "--version"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    with contextlib.suppress(Exception):
+        pkg = json.loads((BENCH / "node_modules" / "ws" / "package.json").read_text())
+        out["ws"] = pkg["version"]
+    for mod in ("tornado", "websockets", "aiohttp"):
+        code = f"import {mod}; print({mod}.__version__)"
+        with contextlib.suppress(Exception):
+            r = subprocess.run(
+                [sys.executable, "-c", code],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                env={**os.environ, "PYTHONPATH": str(PYLIB)},
+            )
+            if r.returncode == 0:
+                out[mod] = r.stdout.strip()
+    return out
+
+
+def machine() -> dict[str, Any]:
+    """nproc, CPU model and memory of this machine."""
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_kib = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "mem_gib": round(mem_kib / 2**20, 1),
+        "kernel": platform.release(),
+        "nofile_hard": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+    }
+
+
+# ---------------------------------------------------------------- processes
+
+
+class Proc:
+    """A child process started in its own session, stopped by its PID."""
+
+    def __init__(
+        self, name: str, cmd: list[str], env: dict[str, str], logfile: Path, cwd: Path = ROOT
+    ) -> None:
+        self.name = name
+        self.logfile = logfile
+        self._log = logfile.open("wb")
+        self.popen = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=raise_nofile,
+            start_new_session=True,
+        )
+        self.pid = self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, grace_s: float = 8.0) -> int | None:
+        """SIGTERM, then SIGKILL after `grace_s`; always by this process's PID."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                self.popen.wait(timeout=10)
+        self._log.close()
+        return self.popen.returncode
+
+    def tail(self, n: int = 15) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-n:])
+        return ""
+
+
+_live: dict[int, Proc] = {}
+
+
+@contextlib.contextmanager
+def running(proc: Proc) -> Iterator[Proc]:
+    """Keep `proc` in the live table while in use; stop it on the way out, also on error."""
+    _live[proc.pid] = proc
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        _live.pop(proc.pid, None)
+
+
+def stop_all() -> None:
+    """Stop every child still running (Ctrl-C, errors)."""
+    for proc in list(_live.values()):
+        with contextlib.suppress(Exception):
+            proc.stop(grace_s=3)
+        _live.pop(proc.pid, None)
+
+
+def pin(cpu: int, cmd: list[str], enabled: bool) -> list[str]:
+    """Prefix `taskset -c CPU` when pinning is possible."""
+    if enabled and shutil.which("taskset"):
+        return ["taskset", "-c", str(cpu), *cmd]
+    return cmd
+
+
+def wait_port(port: int, proc: Proc, timeout_s: float = 30.0) -> None:
+    """Wait (bounded) until the server accepts TCP on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{proc.name} did not listen on {port} within {timeout_s:.0f}s:\n{proc.tail()}")
+
+
+def http_json(method: str, url: str, body: Any = None, token: str = "", timeout: float = 15.0) -> Any:
+    """One JSON HTTP call on loopback."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read() or b"null")
+
+
+# ---------------------------------------------------------------- one run
+
+
+@dataclass
+class Target:
+    """How to start one server and talk to it."""
+
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    http_port_offset: int = 0
+    admin_login: bool = False
+
+
+def targets(selected: list[str]) -> tuple[list[Target], dict[str, str]]:
+    """The servers that can run here, and why the others can't."""
+    out: list[Target] = []
+    skipped: dict[str, str] = {}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FLEETPUSH_")}
+    base["BENCH_DEVICE_SECRET"] = DEVICE_SECRET
+    for name in selected:
+        if name == "fleetpush":
+            cmd = fleetpush_cmd()
+            if cmd is None:
+                skipped[name] = "core/__main__.py not there yet (the core has not landed)"
+                continue
+            env = {
+                **base,
+                "FLEETPUSH_SERVER__HOST": HOST,
+                "FLEETPUSH_AUTH__DEVICE_SECRET": DEVICE_SECRET,
+                "FLEETPUSH_AUTH__ADMIN_PASSWORD": ADMIN_PASSWORD,
+                "FLEETPUSH_SERVER__ACCESS_LOG": "false",
+                # The limiter still runs on every request; a benchmark must not be throttled by it.
+                "FLEETPUSH_LIMITS__RATE_PER_S": "1000000",
+                "FLEETPUSH_LIMITS__RATE_BURST": "1000000",
+            }
+            out.append(Target(name, cmd, env, admin_login=True))
+        elif name == "node":
+            why = ensure_node_ws()
+            if why:
+                skipped[name] = why
+                continue
+            out.append(Target(name, ["node", str(BENCH / "peers" / "node_ws.js")], base))
+        elif name == "aiohttp":
+            why, extra = ensure_aiohttp()
+            if why:
+                skipped[name] = why
+                continue
+            out.append(
+                Target(name, [sys.executable, str(BENCH / "peers" / "aiohttp_peer.py")], {**base, **extra})
+            )
+        elif name == "websockets":
+            cmd = [sys.executable, str(BENCH / "peers" / "websockets_peer.py")]
+            out.append(Target(name, cmd, base, http_port_offset=1))
+        else:
+            raise SystemExit(f"unknown server {name!r}; choose from {', '.join(SERVERS)}")
+    return out, skipped
+
+
+def write_logins(path: Path, n: int, prefix: str) -> None:
+    """One device login frame per line: `sn<TAB>frame`, tokens per PROTOCOL §3 with the fleet secret."""
+    ts = int(time.time())
+    key = DEVICE_SECRET.encode()
+    with path.open("w") as f:
+        for i in range(n):
+            sn = f"{prefix}-{i:05d}"
+            token = hmac.new(key, f"{sn}:{ts}".encode(), hashlib.sha256).hexdigest()
+            frame = {
+                "op": "galbot_request",
+                "service": "/api/user/login",
+                "request_id": "login",
+                "values": {
+                    "sn": sn,
+                    "timestamp": ts,
+                    "token": token,
+                    "type": "dance_dog",
+                    "firmware": "bench",
+                },
+            }
+            f.write(f"{sn}\t{json.dumps(frame, separators=(',', ':'))}\n")
+
+
+def run_once(t: Target, n: int, prof: Profile, workdir: Path, run_id: str, pin_cpus: bool) -> dict[str, Any]:
+    """Start a fresh server, run every phase at `n` connections, stop the server."""
+    port = free_port(pair=t.http_port_offset > 0)
+    env = dict(t.env)
+    cmd = [*t.cmd, "--port", str(port)] if t.name == "fleetpush" else [*t.cmd, str(port)]
+    if t.name == "fleetpush":
+        env["FLEETPUSH_SERVER__PORT"] = str(port)
+    proc = Proc(t.name, pin(0, cmd, pin_cpus), env, workdir / f"{run_id}.server.log")
+    with running(proc):
+        wait_port(port, proc)
+        token = ""
+        if t.admin_login:
+            resp = http_json(
+                "POST",
+                f"http://{HOST}:{port}/api/v1/auth/login",
+                {"username": "admin", "password": ADMIN_PASSWORD},
+            )
+            token = resp["token"]
+        logins = workdir / f"{run_id}.logins"
+        write_logins(logins, n, run_id)
+        control = {
+            "op": "galbot_request",
+            "service": "/admin/auth/login",
+            "request_id": "control-login",
+            "values": {"username": "admin", "password": ADMIN_PASSWORD},
+        }
+        budget = (
+            prof.idle_s
+            + prof.bcast_lat_s
+            + prof.bcast_sat_s
+            + 2 * prof.req_s
+            + prof.ingest_s
+            + prof.cmd_s
+            + 6 * prof.drain_s
+            + 10
+            + n / 200
+        )
+        lg = [
+            str(LOADGEN),
+            "--port",
+            str(port),
+            "--conns",
+            str(n),
+            "--logins",
+            str(logins),
+            "--control-login",
+            json.dumps(control, separators=(",", ":")),
+            "--server-pid",
+            str(proc.pid),
+            "--http-port",
+            str(port + t.http_port_offset),
+            "--http-auth",
+            token,
+            "--idle-s",
+            str(prof.idle_s),
+            "--bcast-lat-s",
+            str(prof.bcast_lat_s),
+            "--bcast-count",
+            str(prof.bcast_count),
+            "--bcast-sat-s",
+            str(prof.bcast_sat_s),
+            "--req-s",
+            str(prof.req_s),
+            "--ingest-s",
+            str(prof.ingest_s),
+            "--cmd-s",
+            str(prof.cmd_s),
+            "--cmd-rate",
+            str(prof.cmd_rate),
+            "--drain-s",
+            str(prof.drain_s),
+            "--max-s",
+            f"{budget:.0f}",
+            "--connect-s",
+            str(30 + n / 100),
+        ]
+        errlog = workdir / f"{run_id}.loadgen.log"
+        with errlog.open("wb") as err:
+            lgp = subprocess.Popen(
+                pin(1, lg, pin_cpus),
+                stdout=subprocess.PIPE,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=raise_nofile,
+            )
+            try:
+                out, _ = lgp.communicate(timeout=budget + 30)
+            except subprocess.TimeoutExpired:
+                lgp.kill()
+                out, _ = lgp.communicate(timeout=10)
+            except BaseException:
+                lgp.kill()
+                lgp.wait(timeout=10)
+                raise
+        lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.startswith("{")]
+        if not lines:
+            tail = errlog.read_text(errors="replace")[-1500:]
+            raise RuntimeError(
+                f"loadgen gave no result (rc {lgp.returncode}):\n{tail}\nserver:\n{proc.tail()}"
+            )
+        raw = json.loads(lines[-1])
+        raw["server_alive_at_end"] = proc.alive()
+    return raw
+
+
+def summarize(raw: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """Pick the table's metrics out of one load generator result."""
+
+    def g(d: dict[str, Any] | None, *path: str) -> float | None:
+        for p in path:
+            if not isinstance(d, dict) or p not in d:
+                return None
+            d = d[p]
+        return float(d) if isinstance(d, int | float) and d >= 0 else None  # type: ignore[arg-type]
+
+    b, r, i, c = (raw.get(k) for k in ("broadcast", "reqresp", "ingest", "command"))
+    rss = g(raw, "rss_per_conn_kb")
+    return {
+        "broadcast": {
+            "deliveries_per_s": g(b, "deliveries_per_s"),
+            "latency_p50_ms": g(b, "latency", "p50_ms"),
+            "latency_p99_ms": g(b, "latency", "p99_ms"),
+        },
+        "reqresp": {
+            "replies_per_s": g(r, "replies_per_s"),
+            "half_p50_ms": g(r, "half_latency", "p50_ms"),
+            "half_p99_ms": g(r, "half_latency", "p99_ms"),
+        },
+        "ingest": {
+            "latency_p50_ms": g(i, "latency", "p50_ms"),
+            "latency_p99_ms": g(i, "latency", "p99_ms"),
+            "stored_per_s": g(i, "stored_per_s"),
+            "dropped": g(i, "dropped"),
+        },
+        "command": {"latency_p50_ms": g(c, "latency", "p50_ms"), "latency_p99_ms": g(c, "latency", "p99_ms")},
+        "idle": {"rss_per_conn_kib": rss, "conns_per_s": g(raw, "conns_per_s")},
+    }
+
+
+def median(vals: list[float | None]) -> float | None:
+    got = [v for v in vals if v is not None]
+    return statistics.median(got) if got else None
+
+
+# ---------------------------------------------------------------- output
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "–"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "–"
+    return f"{a / b:.2f}×"
+
+
+def tables(result: dict[str, Any]) -> str:
+    """Markdown: one table per connection count, a row per metric, a column per server and ratio."""
+    servers = [s for s in SERVERS if s in result["servers"]]
+    peers = [s for s in servers if s != "fleetpush"]
+    med = result["medians"]
+    out: list[str] = []
+    for n in result["sizes"]:
+        key = str(n)
+        out.append(f"### {n:,} connections (median of {result['repeats']})\n")
+        head = ["metric", *servers]
+        if "fleetpush" in servers:
+            head += [f"fleetpush ÷ {p}" for p in peers]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "---|" * len(head))
+        for scen, metric, label, unit, _hib in METRICS:
+            vals = {s: med.get(s, {}).get(key, {}).get(scen, {}).get(metric) for s in servers}
+            row = [label + (f" ({unit})" if unit else ""), *(fmt(vals[s]) for s in servers)]
+            if "fleetpush" in servers:
+                row += [ratio(vals["fleetpush"], vals[p]) for p in peers]
+            out.append("| " + " | ".join(row) + " |")
+        out.append("")
+    if result.get("skipped"):
+        out.append("Not measured: " + "; ".join(f"{k}: {v}" for k, v in result["skipped"].items()) + "\n")
+    if result.get("errors"):
+        out.append("Runs that failed: " + "; ".join(result["errors"][:10]) + "\n")
+    return "\n".join(out)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    v = result["versions"]
+    lines = [
+        "# fleetpush benchmark: latest results\n",
+        f"Run {result['started']} ({'quick' if result['quick'] else 'full'}), "
+        f"{m['nproc']} × {m['cpu_model']}, {m['mem_gib']} GiB, Linux {m['kernel']}; server on CPU 0, "
+        f"load generator on CPU 1 ({'pinned' if result['pinned'] else 'NOT pinned'}).",
+        "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
+        "Ratios are fleetpush ÷ peer: above 1 is better for rates, below 1 is better for latency and RSS.\n",
+        tables(result),
+        "Generated by `fleetpush bench`; method and limits in docs/PERFORMANCE.md.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fleetpush bench", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--quick", action="store_true", help="300 connections, ~2 s phases, one repeat (test suite)"
+    )
+    p.add_argument("--servers", default=",".join(SERVERS), help="comma list of " + ",".join(SERVERS))
+    p.add_argument("--conns", default="", help="comma list of connection counts (default 1000,5000,10000)")
+    p.add_argument("--repeats", type=int, default=0, help="repeats per point (default 3; quick 1)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every phase duration")
+    p.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
+    p.add_argument("--out", default=str(RESULTS), help="directory for latest.json / latest.md")
+    p.add_argument("--keep-logs", action="store_true", help="keep server and loadgen logs (path printed)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `fleetpush bench`; returns the process exit code."""
+    args = parse_args(argv)
+    prof = dataclasses.replace(QUICK if args.quick else FULL)
+    if args.conns:
+        prof.sizes = [int(x) for x in args.conns.split(",") if x]
+    if args.repeats:
+        prof.repeats = args.repeats
+    if args.scale != 1.0:
+        for f in ("idle_s", "bcast_lat_s", "bcast_sat_s", "req_s", "ingest_s", "cmd_s"):
+            setattr(prof, f, getattr(prof, f) * args.scale)
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    too_big = [n for n in prof.sizes if n + 64 > nofile]
+    if too_big:
+        log(f"open-file hard limit is {nofile}: {too_big} connections cannot be held; dropped")
+        prof.sizes = [n for n in prof.sizes if n + 64 <= nofile]
+    pin_cpus = not args.no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+    selected = [s.strip() for s in args.servers.split(",") if s.strip()]
+    old_int = signal.getsignal(signal.SIGINT)
+    old_term = signal.getsignal(signal.SIGTERM)
+
+    def on_term(_sig: int, _frm: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    workdir = Path(tempfile.mkdtemp(prefix="fleetpush-bench-"))
+    result: dict[str, Any] = {
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "pinned": pin_cpus,
+        "sizes": prof.sizes,
+        "repeats": prof.repeats,
+        "profile": prof.__dict__,
+        "machine": machine(),
+        "servers": [],
+        "skipped": {},
+        "errors": [],
+        "runs": [],
+        "medians": {},
+        "rows": [],
+    }
+    try:
+        build_loadgen()
+        tgs, result["skipped"] = targets(selected)
+        for name, why in result["skipped"].items():
+            log(f"skipping {name}: {why}")
+        result["servers"] = [t.name for t in tgs]
+        result["versions"] = versions()
+        for t in tgs:
+            for n in prof.sizes:
+                for rep in range(prof.repeats):
+                    run_id = f"{t.name[:2].upper()}{n}r{rep}x{secrets.token_hex(2)}"
+                    log(f"{t.name}: {n} connections, repeat {rep + 1}/{prof.repeats}")
+                    try:
+                        raw = run_once(t, n, prof, workdir, run_id, pin_cpus)
+                    except RuntimeError as e:
+                        log(f"{t.name} {n} failed: {e}")
+                        result["errors"].append(f"{t.name}@{n}#{rep + 1}: {str(e).splitlines()[0]}")
+                        continue
+                    if raw.get("devices_ready", 0) < n:
+                        log(f"{t.name} {n}: only {raw.get('devices_ready')} devices logged in")
+                    summ = summarize(raw)
+                    result["runs"].append(
+                        {"server": t.name, "conns": n, "repeat": rep, "raw": raw, "summary": summ}
+                    )
+                    brief = summ["broadcast"]["deliveries_per_s"], summ["reqresp"]["replies_per_s"]
+                    log(f"  broadcast {fmt(brief[0])}/s, reqresp {fmt(brief[1])}/s")
+    except KeyboardInterrupt:
+        log("interrupted; stopping children and writing what was measured")
+        result["errors"].append("interrupted")
+    finally:
+        stop_all()
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+        if not args.keep_logs:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            log(f"logs kept in {workdir}")
+    result.setdefault("versions", {})
+    for s in result["servers"]:
+        for n in prof.sizes:
+            runs = [r["summary"] for r in result["runs"] if r["server"] == s and r["conns"] == n]
+            if not runs:
+                continue
+            cell = result["medians"].setdefault(s, {}).setdefault(str(n), {})
+            for scen in SCENARIOS:
+                cell[scen] = {k: median([r[scen][k] for r in runs]) for k in runs[0][scen]}
+                result["rows"].append({"server": s, "conns": n, "scenario": scen, **cell[scen]})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(result, indent=1))
+    md = markdown(result)
+    (out / "latest.md").write_text(md)
+    print(tables(result))
+    log(f"wrote {out / 'latest.json'} and {out / 'latest.md'}")
+    ok = bool(result["runs"]) and "interrupted" not in result["errors"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
