@@ -22,6 +22,7 @@ import pandas as pd
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
+    "FINAL_COMMAND_STATES",
     "STATUS_CODE_FIELDS",
     "STATUS_FIELDS",
     "AuditEvent",

@@ -1,0 +1,1 @@
+"""The fleetpush ops dashboard (Streamlit); it reads and steers the fleet only through core.client."""
