@@ -1,0 +1,58 @@
+"""Prometheus metrics of one core process; the registry is injected, never global."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """Every metric the core exports, on one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.push_success = Counter(
+            "push_success_total", "Frames queued to a connection, by push service", ["service"], registry=r
+        )
+        self.push_failure = Counter(
+            "push_failure_total",
+            "Frames that could not be queued or sent, by push service and error type",
+            ["service", "error_type"],
+            registry=r,
+        )
+        self.push_latency = Histogram(
+            "push_latency_seconds",
+            "Time to encode and enqueue one push to all its targets",
+            ["service"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.connections = Gauge("connections", "Open WebSocket connections by kind", ["kind"], registry=r)
+        self.connections_opened = Counter("connections_opened_total", "WebSocket handshakes accepted", registry=r)
+        self.closes = Counter("connection_closes_total", "WebSocket connections closed, by close code", ["code"],
+                              registry=r)
+        self.frames_in = Counter("frames_in_total", "Text frames received", registry=r)
+        self.frames_out = Counter("frames_out_total", "Frames written to sockets", registry=r)
+        self.bytes_out = Counter("bytes_out_total", "Bytes written to WebSocket sockets", registry=r)
+        self.requests = Counter("requests_total", "Requests handled, by service and reply code",
+                                ["service", "code"], registry=r)
+        self.handler_latency = Histogram("handler_latency_seconds", "Time from decode to reply, by service",
+                                         ["service"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_overflows = Counter("queue_overflows_total",
+                                       "Connections cut because their outbound queue overflowed", registry=r)
+        self.rate_limited = Counter("rate_limited_total", "Requests answered 429", registry=r)
+        self.logins = Counter("logins_total", "Login attempts by kind and outcome", ["kind", "outcome"], registry=r)
+        self.store_errors = Counter("store_errors_total", "Store operations that failed", ["op"], registry=r)
+        self.status_reports = Counter("status_reports_total", "Status snapshots stored", registry=r)
+        self.commands = Counter("commands_total", "Command state transitions", ["state"], registry=r)
+        self.http_requests = Counter("http_requests_total", "HTTP API requests", ["method", "route", "status"],
+                                     registry=r)
+        self.broker_degraded = Gauge("broker_degraded", "1 while the broker cannot reach other nodes", registry=r)
+        self.broker_dropped = Counter("broker_publish_failures_total",
+                                      "Cross-node pushes that could not be published", registry=r)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

@@ -1,0 +1,206 @@
+"""Sans-I/O envelope codec: decode requests, encode replies and pushes, build WebSocket frames."""
+
+from __future__ import annotations
+
+import json
+import struct
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+OP_REQUEST = "galbot_request"
+OP_RESPONSE = "galbot_response"
+OP_PUSH = "galbot_push"
+
+RequestId = str | int | float | None
+
+
+class ProtocolError(Exception):
+    """An envelope that cannot be served; replied with `code` (400) and the request_id if known."""
+
+    def __init__(self, msg: str, request_id: RequestId = None, service: str = "", code: int = 400) -> None:
+        super().__init__(msg)
+        self.msg = msg
+        self.request_id = request_id
+        self.service = service
+        self.code = code
+
+
+@dataclass(slots=True)
+class Request:
+    """One decoded client request."""
+
+    service: str
+    values: dict[str, Any]
+    request_id: RequestId = None
+    size: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Limits:
+    """Parser limits: bytes, nesting depth and integer literal length."""
+
+    max_bytes: int = 65536
+    max_depth: int = 32
+    max_int_digits: int = 64
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("duplicate key in object")
+    return obj
+
+
+def _depth_exceeds(text: str, max_depth: int) -> bool:
+    # Cheap pre-scan: the deepest bracket nesting can never exceed the bracket count, so
+    # most messages skip the scan entirely. Brackets inside strings only over-estimate.
+    if text.count("{") + text.count("[") <= max_depth:
+        return False
+    depth = 0
+    in_str = False
+    esc = False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > max_depth:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
+
+
+class Decoder:
+    """Decodes request frames under fixed limits."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        digits = limits.max_int_digits
+
+        def parse_int(s: str) -> int:
+            # Long literals are refused before int() so a 5000-digit number costs nothing.
+            if len(s) > digits + (1 if s.startswith("-") else 0):
+                raise ValueError("integer literal too long")
+            return int(s)
+
+        def parse_float(s: str) -> float:
+            if len(s) > 64:
+                raise ValueError("number literal too long")
+            value = float(s)
+            if value in (float("inf"), float("-inf")):
+                raise ValueError("number out of range")
+            return value
+
+        self._decoder = json.JSONDecoder(
+            object_pairs_hook=_pairs,
+            parse_constant=_reject_constant,
+            parse_int=parse_int,
+            parse_float=parse_float,
+        )
+
+    def decode(self, text: str) -> Request:
+        """Parse one text frame into a Request, or raise ProtocolError."""
+        if len(text) > self.limits.max_bytes:
+            raise ProtocolError("message too large")
+        if _depth_exceeds(text, self.limits.max_depth):
+            raise ProtocolError(f"nesting deeper than {self.limits.max_depth}")
+        try:
+            obj = self._decoder.decode(text)
+        except (ValueError, RecursionError) as exc:
+            raise ProtocolError(f"not valid JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise ProtocolError("a request must be a JSON object")
+        rid = obj.get("request_id")
+        if rid is not None and (isinstance(rid, bool) or not isinstance(rid, str | int | float)):
+            raise ProtocolError("request_id must be a string or a number")
+        if isinstance(rid, str) and len(rid) > 128:
+            raise ProtocolError("request_id longer than 128 characters")
+        service = obj.get("service")
+        op = obj.get("op", OP_REQUEST)
+        if op != OP_REQUEST:
+            raise ProtocolError(f"unknown op {op!r}", rid, service if isinstance(service, str) else "")
+        if not isinstance(service, str) or not service:
+            raise ProtocolError("service is required and must be a string", rid)
+        if len(service) > 128:
+            raise ProtocolError("service longer than 128 characters", rid)
+        values = obj.get("values", {})
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ProtocolError("values must be an object", rid, service)
+        return Request(service=service, values=values, request_id=rid, size=len(text))
+
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=str).encode
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    """Encode one envelope as compact UTF-8 JSON."""
+    return _dumps(obj).encode("utf-8")
+
+
+def response(
+    service: str,
+    request_id: RequestId,
+    values: Any = None,
+    code: int = 0,
+    msg: str = "",
+) -> bytes:
+    """Encode a galbot_response; result is true exactly when code is 0."""
+    return encode(
+        {
+            "op": OP_RESPONSE,
+            "service": service,
+            "code": code,
+            "msg": msg,
+            "values": values,
+            "result": code == 0,
+            "request_id": request_id,
+        }
+    )
+
+
+def new_push_id() -> str:
+    """A unique server-generated id for one push."""
+    return "p-" + uuid.uuid4().hex
+
+
+def push(service: str, values: Any, push_id: str | None = None) -> bytes:
+    """Encode a galbot_push with a fresh id."""
+    return encode(
+        {
+            "op": OP_PUSH,
+            "service": service,
+            "code": 0,
+            "msg": "",
+            "values": values,
+            "result": True,
+            "request_id": push_id or new_push_id(),
+        }
+    )
+
+
+def text_frame(payload: bytes) -> bytes:
+    """An unmasked, final RFC 6455 text frame around `payload` (server to client)."""
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x81, n))
+    elif n < 65536:
+        header = struct.pack("!BBH", 0x81, 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, n)
+    return header + payload

@@ -1,0 +1,440 @@
+"""The only module that knows MongoDB: collections, indexes, queries, and error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
+from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
+
+from .config import StoreSettings
+from .errors import StoreUnavailable
+
+log = logging.getLogger("fleetpush.store")
+T = TypeVar("T")
+Doc = dict[str, Any]
+
+FINAL_STATES = ("acked", "failed", "expired", "canceled")
+OPEN_STATES = ("pending", "sent")
+
+
+def _aware(doc: Doc | None) -> Doc | None:
+    # pymongo (tz_aware) and mongomock disagree on tzinfo classes; normalise to datetime.UTC.
+    if doc is None:
+        return None
+    for key, value in doc.items():
+        if isinstance(value, datetime):
+            doc[key] = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        elif isinstance(value, dict):
+            _aware(value)
+    return doc
+
+
+class Store:
+    """Async access to fleetpush's collections on MongoDB or the embedded engine."""
+
+    def __init__(self, settings: StoreSettings, client: Any = None) -> None:
+        self.settings = settings
+        self.embedded = not settings.mongo_url
+        if client is not None:
+            self._client = client
+        elif self.embedded:
+            from mongomock_motor import AsyncMongoMockClient
+
+            self._client = AsyncMongoMockClient(tz_aware=True)
+        else:
+            from pymongo import AsyncMongoClient
+
+            ms = int(settings.server_selection_timeout_s * 1000)
+            self._client = AsyncMongoClient(
+                settings.mongo_url,
+                tz_aware=True,
+                serverSelectionTimeoutMS=ms,
+                connectTimeoutMS=ms,
+                timeoutMS=int(settings.op_timeout_s * 1000),
+                appname="fleetpush",
+            )
+        db = self._client[settings.database]
+        self.db = db
+        self.devices = db["devices"]
+        self.status = db["status"]
+        self.commands = db["commands"]
+        self.users = db["users"]
+        self.sessions = db["sessions"]
+        self.audit_log = db["audit"]
+        self.replay = db["replay"]
+        self.indexes_ready = False
+
+    def share(self) -> Store:
+        """A second Store over the same client and data (a restarted app on the same database)."""
+        return Store(self.settings, client=self._client)
+
+    async def _call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
+        # Every driver call goes through here so a dead or silent server becomes a quick 503,
+        # never a hang: the driver's own timeouts, bounded again by op_timeout_s.
+        try:
+            async with asyncio.timeout(self.settings.op_timeout_s + 0.5):
+                return await fn()
+        except DuplicateKeyError:
+            raise
+        except (PyMongoError, TimeoutError, OSError) as exc:
+            log.warning("store operation %s failed: %s", op, type(exc).__name__)
+            raise StoreUnavailable(f"storage unavailable ({op})") from exc
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def ping(self) -> bool:
+        """True when the store answers within its timeout."""
+        try:
+            await self._call("ping", lambda: self._client.admin.command("ping"))
+            return True
+        except StoreUnavailable:
+            return False
+
+    async def ensure_indexes(self) -> None:
+        """Create collections and indexes; safe to call again until it succeeds."""
+        if self.indexes_ready:
+            return
+        retention = self.settings.status_retention_days * 86400
+
+        async def create() -> None:
+            if not self.embedded:
+                try:
+                    await self.db.create_collection(
+                        "status",
+                        timeseries={"timeField": "ts", "metaField": "sn", "granularity": "seconds"},
+                        expireAfterSeconds=retention,
+                    )
+                except OperationFailure as exc:
+                    if exc.code != 48:  # 48: NamespaceExists
+                        raise
+            await self.devices.create_index("sn", unique=True)
+            await self.devices.create_index([("type", ASCENDING), ("online", ASCENDING)])
+            await self.devices.create_index("node")
+            await self.status.create_index([("sn", ASCENDING), ("ts", DESCENDING)])
+            if self.embedded:
+                await self.status.create_index("ts", expireAfterSeconds=retention)
+            await self.commands.create_index("command_id", unique=True)
+            await self.commands.create_index([("sn", ASCENDING), ("state", ASCENDING), ("created_at", ASCENDING)])
+            await self.commands.create_index([("state", ASCENDING), ("next_attempt_at", ASCENDING)])
+            await self.commands.create_index(
+                [("sn", ASCENDING), ("idempotency_key", ASCENDING)],
+                unique=True,
+                partialFilterExpression={"idempotency_key": {"$type": "string"}},
+            )
+            await self.users.create_index("username", unique=True)
+            await self.sessions.create_index("expires_at", expireAfterSeconds=0)
+            await self.replay.create_index("expires_at", expireAfterSeconds=0)
+            await self.audit_log.create_index([("ts", DESCENDING)])
+            await self.audit_log.create_index([("actor", ASCENDING), ("ts", DESCENDING)])
+
+        await self._call("ensure_indexes", create)
+        self.indexes_ready = True
+
+    async def close(self) -> None:
+        """Close the driver's connections."""
+        closer = getattr(self._client, "close", None)
+        if closer is not None and not self.embedded:
+            await closer()
+
+    # ---------------------------------------------------------------- users and sessions
+
+    async def get_user(self, username: str) -> Doc | None:
+        """The user document, or None."""
+        return _aware(await self._call("get_user", lambda: self.users.find_one({"username": username})))
+
+    async def create_user(self, username: str, password_hash: str, role: str, now: datetime) -> bool:
+        """Insert a user; False when the username exists."""
+        doc = {"username": username, "password_hash": password_hash, "role": role, "created_at": now}
+        try:
+            await self._call("create_user", lambda: self.users.insert_one(doc))
+            return True
+        except DuplicateKeyError:
+            return False
+
+    async def set_password(self, username: str, password_hash: str) -> None:
+        """Replace a user's password hash (rehash on login when parameters change)."""
+        await self._call(
+            "set_password",
+            lambda: self.users.update_one({"username": username}, {"$set": {"password_hash": password_hash}}),
+        )
+
+    async def create_session(self, token_hash: str, username: str, role: str, expires_at: datetime) -> None:
+        """Store an ops session by the hash of its token (the token itself is never stored)."""
+        doc = {"_id": token_hash, "username": username, "role": role, "expires_at": expires_at}
+        await self._call("create_session", lambda: self.sessions.insert_one(doc))
+
+    async def get_session(self, token_hash: str) -> Doc | None:
+        """The session for a token hash, or None."""
+        return _aware(await self._call("get_session", lambda: self.sessions.find_one({"_id": token_hash})))
+
+    # ---------------------------------------------------------------- replay cache
+
+    async def claim_token(self, sn: str, timestamp: int, expires_at: datetime) -> bool:
+        """Record (sn, timestamp) as used; False when it was already used (a replay)."""
+        doc = {"_id": f"{sn}:{timestamp}", "expires_at": expires_at}
+        try:
+            await self._call("claim_token", lambda: self.replay.insert_one(doc))
+            return True
+        except DuplicateKeyError:
+            return False
+
+    # ---------------------------------------------------------------- devices
+
+    async def get_device(self, sn: str) -> Doc | None:
+        """The device document (secret included: callers must not expose it), or None."""
+        return _aware(await self._call("get_device", lambda: self.devices.find_one({"sn": sn}, {"_id": 0})))
+
+    async def create_device(self, sn: str, type_: str, name: str, secret: str | None, now: datetime) -> bool:
+        """Insert a device; False when the sn exists."""
+        doc = {
+            "sn": sn, "type": type_, "name": name, "secret": secret, "online": False,
+            "last_seen": None, "connected_at": None, "node": None, "status": {}, "created_at": now,
+        }
+        try:
+            await self._call("create_device", lambda: self.devices.insert_one(doc))
+            return True
+        except DuplicateKeyError:
+            return False
+
+    async def set_device_secret(self, sn: str, secret: str) -> bool:
+        """Replace a device's secret; False when the device is unknown."""
+        res = await self._call(
+            "set_device_secret", lambda: self.devices.update_one({"sn": sn}, {"$set": {"secret": secret}})
+        )
+        return bool(res.matched_count)
+
+    async def list_devices(self, type_: str | None = None, online: bool | None = None) -> list[Doc]:
+        """Devices matching the filters, by sn, without secrets."""
+        query: Doc = {}
+        if type_ is not None:
+            query["type"] = type_
+        if online is not None:
+            query["online"] = online
+        docs = await self._call(
+            "list_devices",
+            lambda: self.devices.find(query, {"_id": 0, "secret": 0}).sort("sn", ASCENDING).to_list(None),
+        )
+        return [d for d in (_aware(doc) for doc in docs) if d is not None]
+
+    async def mark_online(self, sn: str, type_: str, node: str, now: datetime, firmware: str | None) -> None:
+        """Set a device online on this node."""
+        fields: Doc = {"online": True, "node": node, "connected_at": now, "last_seen": now, "type": type_}
+        if firmware:
+            fields["firmware"] = firmware
+        await self._call("mark_online", lambda: self.devices.update_one({"sn": sn}, {"$set": fields}))
+
+    async def mark_offline(self, sn: str, node: str, reason: str, now: datetime) -> bool:
+        """Set a device offline, only if this node still holds it; True when it changed."""
+        res = await self._call(
+            "mark_offline",
+            lambda: self.devices.update_one(
+                {"sn": sn, "node": node, "online": True},
+                {"$set": {"online": False, "offline_reason": reason, "last_seen": now}},
+            ),
+        )
+        return bool(res.modified_count)
+
+    async def mark_node_offline(self, node: str, reason: str, now: datetime) -> list[Doc]:
+        """Set every device this node had online offline; returns those devices."""
+        docs = await self._call(
+            "node_devices",
+            lambda: self.devices.find({"node": node, "online": True}, {"_id": 0, "sn": 1, "type": 1}).to_list(None),
+        )
+        if docs:
+            await self._call(
+                "mark_node_offline",
+                lambda: self.devices.update_many(
+                    {"node": node, "online": True},
+                    {"$set": {"online": False, "offline_reason": reason, "last_seen": now}},
+                ),
+            )
+        return list(docs)
+
+    # ---------------------------------------------------------------- status
+
+    async def insert_status(self, snapshots: list[Doc]) -> None:
+        """Store snapshots and move each device's latest status and last_seen forward."""
+        if not snapshots:
+            return
+        docs = [dict(s) for s in snapshots]
+        await self._call("insert_status", lambda: self.status.insert_many(docs, ordered=False))
+        latest: dict[str, Doc] = {}
+        for s in snapshots:
+            latest[s["sn"]] = s
+        ops = []
+        for sn, s in latest.items():
+            status = {k: v for k, v in s.items() if k not in ("sn", "type", "_id")}
+            ops.append(({"sn": sn}, {"$set": {"status": status, "last_seen": s["ts"]}}))
+        if self.embedded:
+            # mongomock's bulk_write does not accept current pymongo operation objects.
+            for flt, upd in ops:
+                await self._call("update_latest", lambda f=flt, u=upd: self.devices.update_one(f, u))
+        else:
+            await self._call(
+                "update_latest",
+                lambda: self.devices.bulk_write([UpdateOne(f, u) for f, u in ops], ordered=False),
+            )
+
+    async def touch(self, sn: str, now: datetime) -> None:
+        """Move a device's last_seen forward."""
+        await self._call("touch", lambda: self.devices.update_one({"sn": sn}, {"$set": {"last_seen": now}}))
+
+    async def history(
+        self, sn: str, since: datetime | None, until: datetime | None, limit: int
+    ) -> list[Doc]:
+        """Snapshots of one device, newest first."""
+        query: Doc = {"sn": sn}
+        span: Doc = {}
+        if since is not None:
+            span["$gte"] = since
+        if until is not None:
+            span["$lte"] = until
+        if span:
+            query["ts"] = span
+        docs = await self._call(
+            "history",
+            lambda: self.status.find(query, {"_id": 0}).sort("ts", DESCENDING).limit(limit).to_list(None),
+        )
+        return [d for d in (_aware(doc) for doc in docs) if d is not None]
+
+    # ---------------------------------------------------------------- commands
+
+    async def insert_command(self, doc: Doc) -> Doc | None:
+        """Store a new command; on a duplicate command_id or idempotency key, return the existing one."""
+        try:
+            await self._call("insert_command", lambda: self.commands.insert_one(dict(doc)))
+            return None
+        except DuplicateKeyError:
+            existing = await self.get_command(doc["command_id"])
+            if existing is None and doc.get("idempotency_key"):
+                existing = await self.find_idempotent(doc["sn"], doc["idempotency_key"])
+            return existing
+
+    async def get_command(self, command_id: str) -> Doc | None:
+        """One command, or None."""
+        return _aware(
+            await self._call("get_command", lambda: self.commands.find_one({"command_id": command_id}, {"_id": 0}))
+        )
+
+    async def find_idempotent(self, sn: str, key: str) -> Doc | None:
+        """The command created for this device with this idempotency key, or None."""
+        return _aware(
+            await self._call(
+                "find_idempotent",
+                lambda: self.commands.find_one({"sn": sn, "idempotency_key": key}, {"_id": 0}),
+            )
+        )
+
+    async def release_idempotency_key(self, sn: str, key: str, before: datetime) -> None:
+        """Forget an idempotency key older than the window, so the key can be used again."""
+        await self._call(
+            "release_key",
+            lambda: self.commands.update_one(
+                {"sn": sn, "idempotency_key": key, "created_at": {"$lt": before}},
+                {"$unset": {"idempotency_key": ""}, "$set": {"released_key": key}},
+            ),
+        )
+
+    async def transition(
+        self, command_id: str, from_states: tuple[str, ...], fields: Mapping[str, Any], inc_attempts: bool = False
+    ) -> Doc | None:
+        """Atomically move a command out of one of `from_states`; None when it was not in one."""
+        update: Doc = {"$set": dict(fields)}
+        if inc_attempts:
+            update["$inc"] = {"attempts": 1}
+        return _aware(
+            await self._call(
+                "transition",
+                lambda: self.commands.find_one_and_update(
+                    {"command_id": command_id, "state": {"$in": list(from_states)}},
+                    update,
+                    projection={"_id": 0},
+                    return_document=ReturnDocument.AFTER,
+                ),
+            )
+        )
+
+    async def list_commands(self, sn: str | None, state: str | None, limit: int = 500) -> list[Doc]:
+        """Commands, newest first."""
+        query: Doc = {}
+        if sn is not None:
+            query["sn"] = sn
+        if state is not None:
+            query["state"] = state
+        docs = await self._call(
+            "list_commands",
+            lambda: self.commands.find(query, {"_id": 0}).sort("created_at", DESCENDING).limit(limit).to_list(None),
+        )
+        return [d for d in (_aware(doc) for doc in docs) if d is not None]
+
+    async def open_commands(self, sn: str, now: datetime) -> list[Doc]:
+        """Unexpired pending or sent commands of one device, oldest first."""
+        docs = await self._call(
+            "open_commands",
+            lambda: self.commands.find(
+                {"sn": sn, "state": {"$in": list(OPEN_STATES)}, "expires_at": {"$gt": now}}, {"_id": 0}
+            ).sort("created_at", ASCENDING).to_list(None),
+        )
+        return [d for d in (_aware(doc) for doc in docs) if d is not None]
+
+    async def due_commands(self, now: datetime, limit: int = 1000) -> list[Doc]:
+        """Sent commands whose resend time has come, oldest first."""
+        docs = await self._call(
+            "due_commands",
+            lambda: self.commands.find(
+                {"state": "sent", "next_attempt_at": {"$lte": now}, "expires_at": {"$gt": now}}, {"_id": 0}
+            ).sort("next_attempt_at", ASCENDING).limit(limit).to_list(None),
+        )
+        return [d for d in (_aware(doc) for doc in docs) if d is not None]
+
+    async def expired_commands(self, now: datetime, limit: int = 1000) -> list[Doc]:
+        """Open commands whose expiry has passed."""
+        docs = await self._call(
+            "expired_commands",
+            lambda: self.commands.find(
+                {"state": {"$in": list(OPEN_STATES)}, "expires_at": {"$lte": now}}, {"_id": 0}
+            ).limit(limit).to_list(None),
+        )
+        return [d for d in (_aware(doc) for doc in docs) if d is not None]
+
+    async def count_commands(self) -> dict[str, int]:
+        """How many commands are in each state."""
+        out: dict[str, int] = {}
+        for state in (*OPEN_STATES, *FINAL_STATES):
+            out[state] = await self._call(
+                "count_commands", lambda s=state: self.commands.count_documents({"state": s})
+            )
+        return out
+
+    # ---------------------------------------------------------------- audit
+
+    async def insert_audit(self, event: Doc) -> None:
+        """Append one audit event."""
+        await self._call("insert_audit", lambda: self.audit_log.insert_one(dict(event)))
+
+    async def list_audit(
+        self, since: datetime | None, actor: str | None, action: str | None, limit: int = 1000
+    ) -> list[Doc]:
+        """Audit events, newest first."""
+        query: Doc = {}
+        if since is not None:
+            query["ts"] = {"$gte": since}
+        if actor is not None:
+            query["actor"] = actor
+        if action is not None:
+            query["action"] = action
+        docs = await self._call(
+            "list_audit",
+            lambda: self.audit_log.find(query, {"_id": 0}).sort("ts", DESCENDING).limit(limit).to_list(None),
+        )
+        return [d for d in (_aware(doc) for doc in docs) if d is not None]
+
+
+def days_ago(now: datetime, days: float) -> datetime:
+    """`now` minus a number of days."""
+    return now - timedelta(days=days)

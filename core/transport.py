@@ -1,0 +1,256 @@
+"""The Tornado WebSocket endpoint: handshake checks, frames in, registry dispatch, hub come and go."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from typing import Any
+from urllib.parse import urlsplit
+
+from tornado import httputil
+from tornado.websocket import WebSocketHandler, WebSocketProtocol13, _WebSocketParams
+
+from . import protocol
+from .clock import utc
+from .connection import Connection, RateLimiter
+from .context import Deps, ServerContext
+from .errors import (
+    CLOSE_GOING_AWAY,
+    CLOSE_HEARTBEAT,
+    CLOSE_INVALID_DATA,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_REPLACED,
+    CLOSE_SLOW_CONSUMER,
+    CLOSE_UNAUTHORIZED,
+    CLOSE_UNSUPPORTED,
+    Disconnect,
+)
+from .registry import ServerRules
+
+log = logging.getLogger("fleetpush.transport")
+
+_OFFLINE_REASON = {CLOSE_HEARTBEAT: "heartbeat_timeout", CLOSE_REPLACED: "replaced", CLOSE_GOING_AWAY: "shutdown"}
+
+
+def _valid_close_code(code: int) -> bool:
+    # RFC 6455 §7.4: codes a peer may send in a close frame.
+    return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014) or 3000 <= code <= 4999
+
+
+class _Protocol(WebSocketProtocol13):
+    """Tornado's RFC 6455 protocol, answering invalid UTF-8 with 1007 and bad close frames with 1002."""
+
+    def _handle_message(self, opcode: int, data: bytes) -> Any:
+        if self.client_terminated:
+            return None
+        if opcode == 0x1:
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                self.close(CLOSE_INVALID_DATA, "invalid UTF-8")
+                self._abort()
+                return None
+        elif opcode == 0x8:
+            bad = len(data) == 1
+            if len(data) >= 2:
+                code = struct.unpack(">H", data[:2])[0]
+                try:
+                    data[2:].decode("utf-8")
+                except UnicodeDecodeError:
+                    bad = True
+                bad = bad or not _valid_close_code(code)
+            if bad:
+                self.client_terminated = True
+                self.close(CLOSE_PROTOCOL_ERROR, "invalid close frame")
+                return None
+        return super()._handle_message(opcode, data)
+
+
+class Gateway:
+    """Everything the WebSocket handler needs, shared by all connections."""
+
+    def __init__(self, deps: Deps, rules: ServerRules) -> None:
+        self.deps = deps
+        self.rules = rules
+        lim = deps.settings.limits
+        self.decoder = protocol.Decoder(protocol.Limits(lim.max_message_bytes, lim.max_json_depth, lim.max_int_digits))
+        self.allowed_origins = {o.rstrip("/").lower() for o in deps.settings.server.allowed_origins}
+        self.background: set[asyncio.Task[None]] = set()
+        self.accepting = True
+        self.empty = asyncio.Event()
+        self.empty.set()
+
+    def spawn(self, coro: Any) -> None:
+        """Run a coroutine in the background, kept until it ends (awaited at shutdown)."""
+        task = asyncio.ensure_future(coro)
+        self.background.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    def sweep(self) -> None:
+        """Enforce every deadline once: login, heartbeat, write stall, session expiry; send due pings."""
+        d = self.deps
+        now = d.clock.monotonic()
+        hb = d.settings.heartbeat
+        login_timeout = d.settings.auth.login_timeout_s
+        write_timeout = d.settings.limits.write_timeout_s
+        for c in d.hub:
+            if c.closed:
+                continue
+            if c.kind == "anon" and now - c.opened_mono > login_timeout:
+                c.close(CLOSE_UNAUTHORIZED, "login timeout")
+            elif now - c.last_rx > hb.timeout_s:
+                c.close(CLOSE_HEARTBEAT, "heartbeat timeout")
+            elif c.write_stalled(now, write_timeout):
+                d.metrics.queue_overflows.inc()
+                c.close(CLOSE_SLOW_CONSUMER, "write timeout")
+            elif c.session_expires is not None and now > c.session_expires:
+                c.close(CLOSE_UNAUTHORIZED, "session expired")
+            elif now - c.last_ping >= hb.interval_s:
+                c.ping()
+
+
+class FleetSocket(WebSocketHandler):
+    """One client's WebSocket."""
+
+    gateway: Gateway
+    conn: Connection | None = None
+
+    def initialize(self, gateway: Gateway) -> None:
+        """Tornado hands each handler the shared gateway."""
+        self.gateway = gateway
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        """Refuse the upgrade while shutting down or at the connection cap."""
+        g = self.gateway
+        if not g.accepting:
+            self.set_status(503)
+            self.finish("shutting down")
+            return
+        if len(g.deps.hub) >= g.deps.settings.limits.max_connections:
+            self.set_status(503)
+            self.finish("too many connections")
+            return
+        await super().get(*args, **kwargs)
+
+    def get_websocket_protocol(self) -> WebSocketProtocol13 | None:
+        """Our protocol subclass (strict UTF-8 and close-code handling)."""
+        if self.request.headers.get("Sec-WebSocket-Version") != "13":
+            return None
+        # Pings and their timeout are ours (Gateway.sweep), so Tornado's own are off.
+        params = _WebSocketParams(max_message_size=self.max_message_size, compression_options=None)
+        return _Protocol(self, False, params)
+
+    def check_origin(self, origin: str) -> bool:
+        """Exact allowlist match, or the server's own host; anything else gets 403."""
+        norm = origin.rstrip("/").lower()
+        if norm in self.gateway.allowed_origins:
+            return True
+        parsed = urlsplit(norm)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            return False
+        host = self.request.headers.get("Host", "").lower()
+        return parsed.netloc == host
+
+    def open(self, *args: str, **kwargs: str) -> None:
+        """A client connected: register it with the hub."""
+        d = self.gateway.deps
+        lim = d.settings.limits
+        conn = Connection(
+            sink=self,  # type: ignore[arg-type]
+            clock=d.clock,
+            metrics=d.metrics,
+            remote=str(self.request.remote_ip),
+            connected_at=utc(d.clock.time()),
+            max_queue=lim.outbound_queue,
+            node_id=d.node_id,
+            limiter=RateLimiter(lim.rate_per_s, lim.rate_burst, lim.rate_burst, d.clock.monotonic()),
+        )
+        self.conn = conn
+        self.set_nodelay(True)
+        d.hub.add(conn)
+        self.gateway.empty.clear()
+        d.metrics.connections_opened.inc()
+
+    # FrameSink, as Connection writes to it -----------------------------------------
+
+    def write_frames(self, data: bytes) -> Any:
+        """Write pre-built frames straight to the stream (one copy, no per-frame Tornado work)."""
+        ws = self.ws_connection
+        if ws is None or ws.is_closing():
+            raise ConnectionError("closed")
+        return ws.stream.write(data)  # type: ignore[attr-defined]
+
+    # --------------------------------------------------------------------------------
+
+    async def on_message(self, message: str | bytes) -> None:
+        """One text frame: decode, dispatch, reply."""
+        conn = self.conn
+        if conn is None or conn.closed:
+            return
+        g = self.gateway
+        conn.touch()
+        g.deps.metrics.frames_in.inc()
+        if isinstance(message, bytes):
+            conn.close(CLOSE_UNSUPPORTED, "binary frames are not supported")
+            return
+        try:
+            req = g.decoder.decode(message)
+        except protocol.ProtocolError as exc:
+            conn.send(protocol.text_frame(protocol.response(exc.service, exc.request_id, None, exc.code, exc.msg)))
+            return
+        ctx = ServerContext(conn, req, g.deps)
+        try:
+            payload = await g.rules.dispatch(ctx)
+        except Disconnect as exc:
+            conn.close(exc.code, exc.reason)
+            return
+        conn.send(protocol.text_frame(payload))
+        for fn in ctx.after:
+            try:
+                await fn()
+            except Exception:
+                log.exception("post-reply work failed for %s", req.service)
+
+    def on_pong(self, data: bytes) -> None:
+        """A pong counts as life."""
+        if self.conn is not None:
+            self.conn.touch()
+
+    def on_ping(self, data: bytes) -> None:
+        """A client ping counts as life too."""
+        if self.conn is not None:
+            self.conn.touch()
+
+    def on_close(self) -> None:
+        """The socket is gone: the hub forgets it, presence is updated."""
+        conn = self.conn
+        if conn is None:
+            return
+        g = self.gateway
+        d = g.deps
+        conn.closed = True
+        code = conn.close_code or self.close_code or 1006
+        try:
+            d.metrics.closes.labels(str(code)).inc()
+        finally:
+            current = d.hub.remove(conn)
+            if len(d.hub) == 0:
+                g.empty.set()
+        if conn.kind == "device" and current and conn.sn and conn.device_type:
+            reason = _OFFLINE_REASON.get(conn.close_code or 0, "closed")
+            g.spawn(d.monitor.offline(conn.sn, conn.device_type, reason))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        """Unexpected errors are logged with the connection, never with message contents."""
+        log.error("websocket handler error on %s", self.conn.id if self.conn else "?", exc_info=(typ, value, tb))
+
+
+def remote_of(request: httputil.HTTPServerRequest) -> str:
+    """The client's address as logged."""
+    return str(request.remote_ip)
