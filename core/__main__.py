@@ -99,10 +99,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    from bench.run import main as bench_main
+    import importlib
 
-    return int(bench_main(args.rest))
+    # bench/ lives beside core/ in the checkout; it is not part of the installed package.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    bench = importlib.import_module("bench.run")
+    return int(bench.main(args.rest))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_cmd_bench)
 
     args = parser.parse_args(argv)
-    return int(args.fn(args))
+    fn: Any = args.fn
+    return int(fn(args))
 
 
 if __name__ == "__main__":

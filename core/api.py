@@ -227,7 +227,7 @@ async def stats(c: Call) -> tuple[int, Any]:
     m = d.metrics
 
     def total(counter: Any) -> float:
-        return sum(s.value for metric in counter.collect() for s in metric.samples if s.name.endswith("_total"))
+        return float(sum(s.value for metric in counter.collect() for s in metric.samples if s.name.endswith("_total")))
 
     devices = await d.store.list_devices()
     by_type: dict[str, dict[str, int]] = {}

@@ -27,7 +27,8 @@ class Target:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Target:
         """The inverse of to_json."""
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**fields)
 
 
 @dataclass(slots=True)

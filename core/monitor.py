@@ -112,7 +112,7 @@ class Monitor:
         self.metrics.status_reports.inc()
         values = snapshot_json(doc)
         await self.push.to_subscribers(conn.sn, conn.device_type or "", "device_status", values)
-        return values["ts"]
+        return str(values["ts"])
 
     async def _flush(self) -> None:
         # One writer: reports that arrive while a batch is being written form the next batch.

@@ -840,7 +840,7 @@ class Fleet:
         """The fleet's counters (live object; call ``as_dict()`` for a snapshot)."""
         return self.stats_
 
-    async def wait_until(self, predicate: Callable[[SimStats], bool], timeout: float) -> bool:  # noqa: ASYNC109
+    async def wait_until(self, predicate: Callable[[SimStats], bool], timeout: float) -> bool:
         """Wait until ``predicate(stats)`` holds or ``timeout`` passes; True when it held."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -852,7 +852,7 @@ class Fleet:
                 await asyncio.wait_for(self.stats_.changed().wait(), remaining)
         return True
 
-    async def wait_connected(self, n: int, timeout: float) -> bool:  # noqa: ASYNC109
+    async def wait_connected(self, n: int, timeout: float) -> bool:
         """Wait until at least ``n`` devices are logged in; False on timeout."""
         return await self.wait_until(lambda s: s.connected >= n, timeout)
 

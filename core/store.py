@@ -85,6 +85,12 @@ class Store:
             log.warning("store operation %s failed: %s", op, type(exc).__name__)
             raise StoreUnavailable(f"storage unavailable ({op})") from exc
 
+    async def _update_one(self, op: str, flt: Doc, upd: Doc) -> None:
+        await self._call(op, lambda: self.devices.update_one(flt, upd))
+
+    async def _count(self, flt: Doc) -> int:
+        return int(await self._call("count_commands", lambda: self.commands.count_documents(flt)))
+
     # ---------------------------------------------------------------- lifecycle
 
     async def ping(self) -> bool:
@@ -191,7 +197,7 @@ class Store:
 
     async def create_device(self, sn: str, type_: str, name: str, secret: str | None, now: datetime) -> bool:
         """Insert a device; False when the sn exists."""
-        doc = {
+        doc: Doc = {
             "sn": sn, "type": type_, "name": name, "secret": secret, "online": False,
             "last_seen": None, "connected_at": None, "node": None, "status": {}, "created_at": now,
         }
@@ -273,7 +279,7 @@ class Store:
         if self.embedded:
             # mongomock's bulk_write does not accept current pymongo operation objects.
             for flt, upd in ops:
-                await self._call("update_latest", lambda f=flt, u=upd: self.devices.update_one(f, u))
+                await self._update_one("update_latest", flt, upd)
         else:
             await self._call(
                 "update_latest",
@@ -406,9 +412,7 @@ class Store:
         """How many commands are in each state."""
         out: dict[str, int] = {}
         for state in (*OPEN_STATES, *FINAL_STATES):
-            out[state] = await self._call(
-                "count_commands", lambda s=state: self.commands.count_documents({"state": s})
-            )
+            out[state] = await self._count({"state": state})
         return out
 
     # ---------------------------------------------------------------- audit

@@ -162,7 +162,7 @@ class FleetSocket(WebSocketHandler):
         d = self.gateway.deps
         lim = d.settings.limits
         conn = Connection(
-            sink=self,  # type: ignore[arg-type]
+            sink=self,
             clock=d.clock,
             metrics=d.metrics,
             remote=str(self.request.remote_ip),
@@ -184,7 +184,10 @@ class FleetSocket(WebSocketHandler):
         ws = self.ws_connection
         if ws is None or ws.is_closing():
             raise ConnectionError("closed")
-        return ws.stream.write(data)  # type: ignore[attr-defined]
+        stream = getattr(ws, "stream", None)
+        if stream is None:
+            raise ConnectionError("closed")
+        return stream.write(data)
 
     # --------------------------------------------------------------------------------
 

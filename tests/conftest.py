@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from fleetkit import ADMIN_PASSWORD, FLEET_SECRET, Client
 
 from core.app import FleetApp, Overrides, make_app
 from core.clock import SystemClock
 from core.config import Settings, load_settings
 from core.store import Store
-from fleetkit import ADMIN_PASSWORD, FLEET_SECRET, Client
 
 TEST_DEFAULTS: dict[str, dict[str, Any]] = {
     "server": {"host": "127.0.0.1", "port": 0, "node_id": "test-node", "shutdown_grace_s": 2},
@@ -112,7 +112,9 @@ def mongo_store_settings() -> list[Any]:
     params: list[Any] = [pytest.param("embedded", id="embedded")]
     url = os.environ.get("FLEETPUSH_TEST_MONGO_URL")
     params.append(
-        pytest.param(url or "", id="mongodb", marks=pytest.mark.skipif(not url, reason="FLEETPUSH_TEST_MONGO_URL not set"))
+        pytest.param(
+            url or "", id="mongodb", marks=pytest.mark.skipif(not url, reason="FLEETPUSH_TEST_MONGO_URL not set")
+        )
     )
     return params
 

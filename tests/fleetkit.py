@@ -59,7 +59,9 @@ class Client:
         """Send one frame as is."""
         await self.ws.send(data)
 
-    async def request(self, service: str, values: Any = None, request_id: Any = None, timeout: float = 5) -> dict[str, Any]:
+    async def request(
+        self, service: str, values: Any = None, request_id: Any = None, timeout: float = 5
+    ) -> dict[str, Any]:
         """Send a request and wait for its reply."""
         rid = request_id if request_id is not None else f"r-{next(self._ids)}"
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()

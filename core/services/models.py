@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+
 def _to_utc(v: datetime) -> datetime:
     # A time without an offset is taken as UTC, so naive and aware inputs compare alike.
     return v.replace(tzinfo=UTC) if v.tzinfo is None else v.astimezone(UTC)
