@@ -822,9 +822,10 @@ static void on_message(int i, const char *p, size_t n) {
             }
         } else if (phase == PH_COMMAND) {
             if (c->cmd_wait) {
+                /* the round trip ends with the ack's reply; a non-zero code is counted, not hidden */
+                sample(&s_cmd, mono_us() - c->cmd_t0);
                 if (code == 0) {
                     cm_acked++;
-                    sample(&s_cmd, mono_us() - c->cmd_t0);
                 } else {
                     cm_ack_err++;
                     if (cm_ack_err <= 3) fprintf(stderr, "loadgen: ack reply: %.*s\n", (int)(n > 300 ? 300 : n), p);

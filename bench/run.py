@@ -41,6 +41,9 @@ RESULTS = BENCH / "results"
 PYLIB = BUILD / "pylib"
 LOADGEN_SRC = BENCH / "loadgen.c"
 LOADGEN = BUILD / "loadgen"
+CEILING_SRC = BENCH / "ceiling.c"
+CEILING = BUILD / "ceiling"
+ALL_PHASES = "idle,broadcast,reqresp,ingest,command"
 AIOHTTP_PIN = "aiohttp==3.14.5"
 SERVERS = ("fleetpush", "node", "aiohttp", "websockets")
 PEERS = SERVERS[1:]
@@ -62,6 +65,7 @@ METRICS: list[tuple[str, str, str, str, bool]] = [
     ("ingest", "dropped", "ingest reports not pushed", "", False),
     ("command", "latency_p50_ms", "command HTTP→device→ack p50", "ms", False),
     ("command", "latency_p99_ms", "command HTTP→device→ack p99", "ms", False),
+    ("command", "ack_errors", "command acks answered with an error", "", False),
     ("idle", "rss_per_conn_kib", "RSS per idle connection", "KiB", False),
     ("idle", "conns_per_s", "connections opened/s (login incl.)", "1/s", True),
 ]
@@ -124,18 +128,18 @@ def free_port(pair: bool = False) -> int:
 # ---------------------------------------------------------------- preparation
 
 
-def build_loadgen() -> Path:
-    """Compile the C load generator into bench/build/ when the source is newer."""
+def build_c(src: Path, binary: Path) -> Path:
+    """Compile one C program into bench/build/ when the source is newer than the binary."""
     BUILD.mkdir(exist_ok=True)
-    if LOADGEN.exists() and LOADGEN.stat().st_mtime >= LOADGEN_SRC.stat().st_mtime:
-        return LOADGEN
+    if binary.exists() and binary.stat().st_mtime >= src.stat().st_mtime:
+        return binary
     gcc = shutil.which("gcc") or shutil.which("cc")
     if not gcc:
         raise RuntimeError("gcc not found: the load generator is C (apt-get install gcc)")
-    cmd = [gcc, "-O2", "-Wall", "-o", str(LOADGEN), str(LOADGEN_SRC)]
+    cmd = [gcc, "-O2", "-Wall", "-o", str(binary), str(src)]
     log("building " + " ".join(cmd))
     subprocess.run(cmd, check=True, timeout=120)
-    return LOADGEN
+    return binary
 
 
 def ensure_node_ws() -> str | None:
@@ -204,9 +208,7 @@ def versions() -> dict[str, str]:
     """Versions of what is measured."""
     out: dict[str, str] = {"python": platform.python_version()}
     with contextlib.suppress(Exception):
-        out["node"] = subprocess.run(
-            ["node", "--version"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
+        out["node"] = subprocess.run(["node", "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
     with contextlib.suppress(Exception):
         pkg = json.loads((BENCH / "node_modules" / "ws" / "package.json").read_text())
         out["ws"] = pkg["version"]
@@ -251,9 +253,7 @@ def machine() -> dict[str, Any]:
 class Proc:
     """A child process started in its own session, stopped by its PID."""
 
-    def __init__(
-        self, name: str, cmd: list[str], env: dict[str, str], logfile: Path, cwd: Path = ROOT
-    ) -> None:
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], logfile: Path, cwd: Path = ROOT) -> None:
         self.name = name
         self.logfile = logfile
         self._log = logfile.open("wb")
@@ -356,6 +356,8 @@ class Target:
     env: dict[str, str]
     http_port_offset: int = 0
     admin_login: bool = False
+    phases: str = ALL_PHASES
+    bcast_window: int = 4
 
 
 def targets(selected: list[str]) -> tuple[list[Target], dict[str, str]]:
@@ -392,9 +394,7 @@ def targets(selected: list[str]) -> tuple[list[Target], dict[str, str]]:
             if why:
                 skipped[name] = why
                 continue
-            out.append(
-                Target(name, [sys.executable, str(BENCH / "peers" / "aiohttp_peer.py")], {**base, **extra})
-            )
+            out.append(Target(name, [sys.executable, str(BENCH / "peers" / "aiohttp_peer.py")], {**base, **extra}))
         elif name == "websockets":
             cmd = [sys.executable, str(BENCH / "peers" / "websockets_peer.py")]
             out.append(Target(name, cmd, base, http_port_offset=1))
@@ -426,6 +426,24 @@ def write_logins(path: Path, n: int, prefix: str) -> None:
             f.write(f"{sn}\t{json.dumps(frame, separators=(',', ':'))}\n")
 
 
+def admin_token(port: int, proc: Proc, timeout_s: float = 20.0) -> str:
+    """Bearer token of the admin user; the core may still be creating it right after it listens."""
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline and proc.alive():
+        try:
+            resp = http_json(
+                "POST",
+                f"http://{HOST}:{port}/api/v1/auth/login",
+                {"username": "admin", "password": ADMIN_PASSWORD},
+            )
+            return str(resp["token"])
+        except (OSError, ValueError, KeyError, TypeError) as e:  # HTTPError is an OSError
+            last = str(e)
+            time.sleep(0.3)
+    raise RuntimeError(f"admin login on the core failed: {last}\n{proc.tail()}")
+
+
 def run_once(t: Target, n: int, prof: Profile, workdir: Path, run_id: str, pin_cpus: bool) -> dict[str, Any]:
     """Start a fresh server, run every phase at `n` connections, stop the server."""
     port = free_port(pair=t.http_port_offset > 0)
@@ -438,12 +456,7 @@ def run_once(t: Target, n: int, prof: Profile, workdir: Path, run_id: str, pin_c
         wait_port(port, proc)
         token = ""
         if t.admin_login:
-            resp = http_json(
-                "POST",
-                f"http://{HOST}:{port}/api/v1/auth/login",
-                {"username": "admin", "password": ADMIN_PASSWORD},
-            )
-            token = resp["token"]
+            token = admin_token(port, proc)
         logins = workdir / f"{run_id}.logins"
         write_logins(logins, n, run_id)
         control = {
@@ -501,6 +514,10 @@ def run_once(t: Target, n: int, prof: Profile, workdir: Path, run_id: str, pin_c
             f"{budget:.0f}",
             "--connect-s",
             str(30 + n / 100),
+            "--phases",
+            t.phases,
+            "--bcast-window",
+            str(t.bcast_window),
         ]
         errlog = workdir / f"{run_id}.loadgen.log"
         with errlog.open("wb") as err:
@@ -523,9 +540,7 @@ def run_once(t: Target, n: int, prof: Profile, workdir: Path, run_id: str, pin_c
         lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.startswith("{")]
         if not lines:
             tail = errlog.read_text(errors="replace")[-1500:]
-            raise RuntimeError(
-                f"loadgen gave no result (rc {lgp.returncode}):\n{tail}\nserver:\n{proc.tail()}"
-            )
+            raise RuntimeError(f"loadgen gave no result (rc {lgp.returncode}):\n{tail}\nserver:\n{proc.tail()}")
         raw = json.loads(lines[-1])
         raw["server_alive_at_end"] = proc.alive()
     return raw
@@ -560,7 +575,11 @@ def summarize(raw: dict[str, Any]) -> dict[str, dict[str, float | None]]:
             "stored_per_s": g(i, "stored_per_s"),
             "dropped": g(i, "dropped"),
         },
-        "command": {"latency_p50_ms": g(c, "latency", "p50_ms"), "latency_p99_ms": g(c, "latency", "p99_ms")},
+        "command": {
+            "latency_p50_ms": g(c, "latency", "p50_ms"),
+            "latency_p99_ms": g(c, "latency", "p99_ms"),
+            "ack_errors": g(c, "ack_errors"),
+        },
         "idle": {"rss_per_conn_kib": rss, "conns_per_s": g(raw, "conns_per_s")},
     }
 
@@ -612,6 +631,17 @@ def tables(result: dict[str, Any]) -> str:
                 row += [ratio(vals["fleetpush"], vals[p]) for p in peers]
             out.append("| " + " | ".join(row) + " |")
         out.append("")
+    if result.get("ceiling"):
+        out.append("Load generator ceiling (against `bench/ceiling.c`, a trivial C server on CPU 0):\n")
+        out.append("| connections | frames received/s | loadgen CPU-s per s | frames per loadgen CPU-s | replies/s |")
+        out.append("|---|---|---|---|---|")
+        for n, c in result["ceiling"].items():
+            busy = (c["loadgen_cpu_s"] or 0) / (c["elapsed_s"] or 1)
+            out.append(
+                f"| {int(n):,} | {fmt(c['received_frames_per_s'])} | {busy:.2f} | "
+                f"{fmt(c['frames_per_loadgen_cpu_s'])} | {fmt(c['replies_per_s'])} |"
+            )
+        out.append("")
     if result.get("skipped"):
         out.append("Not measured: " + "; ".join(f"{k}: {v}" for k, v in result["skipped"].items()) + "\n")
     if result.get("errors"):
@@ -637,15 +667,14 @@ def markdown(result: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fleetpush bench", description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--quick", action="store_true", help="300 connections, ~2 s phases, one repeat (test suite)"
-    )
+    p.add_argument("--quick", action="store_true", help="300 connections, ~2 s phases, one repeat (test suite)")
     p.add_argument("--servers", default=",".join(SERVERS), help="comma list of " + ",".join(SERVERS))
     p.add_argument("--conns", default="", help="comma list of connection counts (default 1000,5000,10000)")
     p.add_argument("--repeats", type=int, default=0, help="repeats per point (default 3; quick 1)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every phase duration")
     p.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     p.add_argument("--out", default=str(RESULTS), help="directory for latest.json / latest.md")
+    p.add_argument("--no-ceiling", action="store_true", help="skip the load generator ceiling run")
     p.add_argument("--keep-logs", action="store_true", help="keep server and loadgen logs (path printed)")
     return p.parse_args(argv)
 
@@ -690,9 +719,10 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
         "medians": {},
         "rows": [],
+        "ceiling": {},
     }
     try:
-        build_loadgen()
+        build_c(LOADGEN_SRC, LOADGEN)
         tgs, result["skipped"] = targets(selected)
         for name, why in result["skipped"].items():
             log(f"skipping {name}: {why}")
@@ -712,11 +742,28 @@ def main(argv: list[str] | None = None) -> int:
                     if raw.get("devices_ready", 0) < n:
                         log(f"{t.name} {n}: only {raw.get('devices_ready')} devices logged in")
                     summ = summarize(raw)
-                    result["runs"].append(
-                        {"server": t.name, "conns": n, "repeat": rep, "raw": raw, "summary": summ}
-                    )
+                    result["runs"].append({"server": t.name, "conns": n, "repeat": rep, "raw": raw, "summary": summ})
                     brief = summ["broadcast"]["deliveries_per_s"], summ["reqresp"]["replies_per_s"]
                     log(f"  broadcast {fmt(brief[0])}/s, reqresp {fmt(brief[1])}/s")
+        if not args.no_ceiling:
+            build_c(CEILING_SRC, CEILING)
+            ct = Target("ceiling", [str(CEILING)], dict(os.environ), phases="broadcast,reqresp", bcast_window=8)
+            for n in prof.sizes:
+                log(f"load generator ceiling against a trivial C server: {n} connections")
+                try:
+                    raw = run_once(ct, n, prof, workdir, f"CE{n}x{secrets.token_hex(2)}", pin_cpus)
+                except RuntimeError as e:
+                    result["errors"].append(f"ceiling@{n}: {str(e).splitlines()[0]}")
+                    continue
+                b, r = raw.get("broadcast", {}), raw.get("reqresp", {})
+                result["ceiling"][str(n)] = {
+                    "received_frames_per_s": b.get("deliveries_per_s"),
+                    "loadgen_cpu_s": b.get("loadgen_cpu_s"),
+                    "elapsed_s": b.get("elapsed_s"),
+                    "frames_per_loadgen_cpu_s": b.get("loadgen_frames_per_cpu_s"),
+                    "replies_per_s": r.get("replies_per_s"),
+                }
+                log(f"  received {fmt(b.get('deliveries_per_s'))} frames/s")
     except KeyboardInterrupt:
         log("interrupted; stopping children and writing what was measured")
         result["errors"].append("interrupted")

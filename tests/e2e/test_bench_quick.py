@@ -1,0 +1,62 @@
+"""`fleetpush bench --quick` end to end: every server and scenario yields numbers (speed is never asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENARIOS = ("broadcast", "reqresp", "ingest", "command", "idle")
+PEERS = ("node", "aiohttp", "websockets")
+
+missing = [tool for tool in ("gcc", "node") if shutil.which(tool) is None]
+pytestmark = pytest.mark.skipif(
+    bool(missing) and os.environ.get("CI") != "true",
+    reason=f"the benchmark needs {', '.join(missing)} (C load generator, Node ws peer); not installed here",
+)
+
+
+def core_landed() -> bool:
+    return (ROOT / "core" / "__main__.py").exists()
+
+
+@pytest.mark.timeout(600)
+def test_bench_quick_has_a_numeric_row_per_server_and_scenario(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert proc.returncode == 0, f"bench exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    result = json.loads((out / "latest.json").read_text())
+    md = (out / "latest.md").read_text()
+
+    servers = [*PEERS, "fleetpush"] if core_landed() else list(PEERS)
+    assert set(servers) <= set(result["servers"]), result["skipped"]
+    assert not result["errors"], result["errors"]
+    header = next(line for line in md.splitlines() if line.startswith("| metric"))
+    for server in servers:
+        assert f" {server} " in header, header
+        for scenario in SCENARIOS:
+            rows = [r for r in result["rows"] if r["server"] == server and r["scenario"] == scenario]
+            assert len(rows) == 1, (server, scenario, rows)
+            metrics = {k: v for k, v in rows[0].items() if k not in ("server", "conns", "scenario")}
+            assert metrics, (server, scenario)
+            for name, value in metrics.items():
+                assert isinstance(value, int | float) and math.isfinite(value), (server, scenario, name, value)
+
+    # Every device logged in, and the load generator measured its own ceiling.
+    for run in result["runs"]:
+        assert run["raw"]["devices_ready"] == run["conns"], (run["server"], run["raw"])
+    assert result["ceiling"], "load generator ceiling missing"
+    assert all(c["received_frames_per_s"] > 0 for c in result["ceiling"].values())
