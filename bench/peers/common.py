@@ -116,9 +116,7 @@ class Hub:
         elif service == "/api/device/heartbeat":
             await self._send(conn, reply(service, rid, {"server_time": time.time()}))
         elif service == "/api/command/ack":
-            await self._send(
-                conn, reply(service, rid, {"command_id": values.get("command_id"), "state": "acked"})
-            )
+            await self._send(conn, reply(service, rid, {"command_id": values.get("command_id"), "state": "acked"}))
         else:
             await self._send(conn, reply(service, rid, None, 404, "unknown service"))
 

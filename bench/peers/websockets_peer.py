@@ -91,9 +91,7 @@ async def amain(port: int) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set_result, None)
     http = await asyncio.start_server(http_conn, "127.0.0.1", port + 1, backlog=128)
-    async with serve(
-        handler, "127.0.0.1", port, compression=None, max_size=65536, ping_interval=None, backlog=4096
-    ):
+    async with serve(handler, "127.0.0.1", port, compression=None, max_size=65536, ping_interval=None, backlog=4096):
         print(f"websockets peer listening on ws://127.0.0.1:{port}/ws (commands on {port + 1})", flush=True)
         await stop
     http.close()
