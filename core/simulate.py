@@ -377,6 +377,9 @@ def _number(value: Any, default: float, lo: float, hi: float) -> float:
 class SimStats:
     """Counters shared by every device of a fleet (one event loop, so no locking)."""
 
+    # errors: non-zero reply codes by code (-1: a reply that matched no request_id);
+    # closes: how sessions ended, by close code (1006: the link dropped without a close frame).
+
     connected: int = 0
     logins: int = 0
     login_failures: int = 0
@@ -709,6 +712,7 @@ class SimDevice:
             oldest = min((sent for _, sent, _, _ in self._inflight.values()), default=None)
             if oldest is not None and loop.time() - oldest > self.config.request_timeout_s:
                 self.stats.reply_timeouts += 1
+                self.stats.notify()
                 await ws.close(1000, "reply timeout")
                 return
             await self._send(ws, "/api/device/status", report)
@@ -758,7 +762,7 @@ class SimDevice:
             self._session_acked_report = True
         elif service == "/api/command/ack" and command_id is not None:
             self.ack_replied(command_id, code)
-            self.stats.notify()
+        self.stats.notify()
 
     async def _on_push(self, ws: ClientConnection, msg: dict[str, Any]) -> None:
         """Handle ``device_command`` and ``command_canceled``; count anything else."""

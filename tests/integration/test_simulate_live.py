@@ -39,6 +39,7 @@ class MiniCore:
     seen: set[tuple[str, int]] = field(default_factory=set)
     live: dict[str, ServerConnection] = field(default_factory=dict)
     origin_headers: int = 0
+    status_code: int = 0  # the reply code for status reports; -1 = never reply
     # Scenario hooks, all optional: run after a device's n-th report / after an ack.
     on_report: Callable[[MiniCore, ServerConnection, str, int], Awaitable[None]] | None = None
     on_ack: Callable[[MiniCore, ServerConnection, str, dict[str, Any]], Awaitable[None]] | None = None
@@ -94,8 +95,11 @@ class MiniCore:
                 elif service == "/api/device/status":
                     self._check_status(values)
                     self.reports[sn] += 1
-                    accepted = {"accepted": True, "ts": "2026-01-01T00:00:00Z"}
-                    await self._reply(ws, service, rid, 0, "", accepted)
+                    if self.status_code == 0:
+                        accepted = {"accepted": True, "ts": "2026-01-01T00:00:00Z"}
+                        await self._reply(ws, service, rid, 0, "", accepted)
+                    elif self.status_code > 0:
+                        await self._reply(ws, service, rid, self.status_code, "rate limited", None)
                     if self.on_report is not None:
                         await self.on_report(self, ws, sn, self.reports[sn])
                 elif service == "/api/command/ack":
@@ -304,6 +308,24 @@ async def test_replaced_connection_backs_off_and_gives_up(core: tuple[MiniCore, 
         await b.stop()
     assert a.stats().closes[4409] + b.stats().closes[4409] >= 2
     assert a.stats().gave_up + b.stats().gave_up == 1
+
+
+async def test_error_replies_are_counted_and_silence_reconnects(core: tuple[MiniCore, str]) -> None:
+    """Non-zero reply codes are counted without dropping the link; unanswered requests end the session."""
+    mini, url = core
+    mini.status_code = 429
+    fleet = Fleet(config(url, devices=2, request_timeout_s=0.3))
+    await fleet.start()
+    try:
+        assert await fleet.wait_until(lambda s: s.errors[429] >= 6, WAIT)
+        assert fleet.stats().reconnects == 0 and fleet.stats().reports_acked == 0
+        mini.status_code = -1  # the server goes quiet: replies stop, the link looks alive
+        assert await fleet.wait_until(lambda s: s.reply_timeouts >= 2 and s.reconnects >= 2, WAIT)
+        mini.status_code = 0
+        assert await fleet.wait_until(lambda s: s.connected == 2 and s.reports_acked >= 4, WAIT)
+    finally:
+        await fleet.stop()
+    assert fleet.stats().closes[1000] >= 2
 
 
 async def test_main_runs_for_duration_and_prints_summary(core: tuple[MiniCore, str],
