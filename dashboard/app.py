@@ -28,9 +28,7 @@ def run() -> None:
     st.set_page_config(page_title="fleetpush", page_icon=":material/precision_manufacturing:", layout="wide")
     user = current_user()
     if user is None:
-        page = st.navigation(
-            [st.Page(PAGES / "login.py", title="Log in", icon=":material/login:", default=True)]
-        )
+        page = st.navigation([st.Page(PAGES / "login.py", title="Log in", icon=":material/login:", default=True)])
         page.run()
         return
 

@@ -192,4 +192,7 @@ def severity_styler(frame: pd.DataFrame) -> Any:
     styler = frame.style.map(code_style, subset=codes)
     if "battery" in frame.columns:
         styler = styler.map(battery_style, subset=["battery"])
-    return styler.format(precision=1, subset=["battery"] if "battery" in frame.columns else [])
+    styler = styler.format(na_rep="—")
+    if "battery" in frame.columns:
+        styler = styler.format(precision=1, na_rep="—", subset=["battery"])
+    return styler

@@ -33,9 +33,7 @@ def send_form(sns: list[str]) -> None:
         targets = st.multiselect("Robots", sns, key="cmd_targets")
         command = st.text_input("Command", key="cmd_name", placeholder="e.g. dance")
         args_text = st.text_area("Arguments (JSON object)", value="{}", key="cmd_args", height=100)
-        ttl = st.number_input(
-            "Time to live (s)", min_value=1, max_value=86400, value=300, step=30, key="cmd_ttl"
-        )
+        ttl = st.number_input("Time to live (s)", min_value=1, max_value=86400, value=300, step=30, key="cmd_ttl")
         submitted = st.form_submit_button("Send command", type="primary")
     if not submitted:
         return

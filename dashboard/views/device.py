@@ -26,7 +26,7 @@ def latest(device: Device) -> None:
     a, b, c, d = st.columns(4)
     a.metric("State", "online" if device.online else "offline")
     b.metric("Battery", "—" if status.battery is None else f"{status.battery:.0f} %")
-    c.metric("Last seen", fmt_time(device.last_seen))
+    c.metric("Last seen", "—" if device.last_seen is None else f"{device.last_seen:%H:%M:%S} UTC")
     d.metric("Type", device.type)
     rows = [
         {
@@ -37,7 +37,7 @@ def latest(device: Device) -> None:
         for field in STATUS_CODE_FIELDS
     ]
     codes = pd.DataFrame(rows).astype({"code": "Int64"})
-    st.dataframe(codes.style.map(code_style, subset=["code"]), hide_index=True, width="stretch")
+    st.dataframe(codes.style.map(code_style, subset=["code"]).format(na_rep="—"), hide_index=True, width="stretch")
     st.caption(f"Status received {fmt_time(status.ts)}" + (f" · name: {device.name}" if device.name else ""))
 
 
@@ -90,7 +90,9 @@ def render() -> None:
     wanted = st.query_params.get("sn")
     if isinstance(wanted, str) and wanted in sns and "device_sn" not in st.session_state:
         st.session_state["device_sn"] = wanted
-    sn = st.selectbox("Robot", sns, key="device_sn")
+    online = [device.sn for device in sorted(devices, key=lambda d: d.sn) if device.online]
+    first = sns.index(online[0]) if online else 0  # open on a live robot: its charts move
+    sn = st.selectbox("Robot", sns, index=first, key="device_sn")
     if sn is None:
         return
     device = api(lambda: client().device(sn), f"load device {sn}")
@@ -120,9 +122,7 @@ def render() -> None:
         if commands.empty:
             st.caption("No commands for this robot.")
         else:
-            shown = commands.head(20)[
-                ["command_id", "command", "state", "created_at", "acked_at", "attempts"]
-            ]
+            shown = commands.head(20)[["command_id", "command", "state", "created_at", "acked_at", "attempts"]]
             st.dataframe(shown, hide_index=True, width="stretch")
 
 

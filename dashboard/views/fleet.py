@@ -86,10 +86,10 @@ def render() -> None:
         for column in ("last_seen", "status_ts"):
             table[column] = table[column].map(fmt_time)
         table = table.rename(columns={"status_ts": "status at"}).reset_index(drop=True)
-        st.dataframe(severity_styler(table), hide_index=True, width="stretch")
-        st.caption(
-            f"{len(shown)} of {total} robots shown · updated {now_utc()} · refreshes every {interval:g} s"
+        st.dataframe(
+            severity_styler(table), hide_index=True, width="stretch", height=min(35 * (len(table) + 1) + 3, 720)
         )
+        st.caption(f"{len(shown)} of {total} robots shown · updated {now_utc()} · refreshes every {interval:g} s")
 
     live()
 

@@ -58,9 +58,7 @@ def pushes() -> None:
     if totals.failure_by_error_type:
         st.caption(
             "Failures by cause: "
-            + ", ".join(
-                f"{kind or '(none)'} {count:.0f}" for kind, count in totals.failure_by_error_type.items()
-            )
+            + ", ".join(f"{kind or '(none)'} {count:.0f}" for kind, count in totals.failure_by_error_type.items())
         )
 
 
@@ -71,9 +69,7 @@ def stats() -> None:
         return
     flat = flatten(result.as_dict())
     numbers = {
-        name: value
-        for name, value in flat.items()
-        if isinstance(value, int | float) and not isinstance(value, bool)
+        name: value for name, value in flat.items() if isinstance(value, int | float) and not isinstance(value, bool)
     }
     if numbers:
         st.dataframe(

@@ -197,6 +197,13 @@ class StubHandler(BaseHTTPRequestHandler):
                     and query.get("online") in (None, "true" if d["online"] else "false")
                 ]
                 raise _Reply(200, {"devices": found})
+            case "POST", ["api", "v1", "devices"]:
+                self._role("admin")
+                sn = body["sn"]
+                if sn in s.devices:
+                    raise _fail(409, f"device {sn} exists")
+                s.devices[sn] = {"sn": sn, "type": body["type"], "name": body.get("name"), "online": False, "status": {}}
+                raise _Reply(201, {"sn": sn, "type": body["type"], "secret": "s3cret"})
             case "GET", ["api", "v1", "devices", sn]:
                 self._role("viewer")
                 if sn not in s.devices:
@@ -515,7 +522,9 @@ def test_cancel_of_a_command_that_became_final_shows_the_conflict_in_words(
     app: AppTest, core: CoreUnderTest
 ) -> None:
     client = _client(core)
-    receipt = client.send_command(core.sns[0], "sit", ttl_s=600)
+    # a robot that never connects, so nothing but the test moves the command on
+    offline = client.provision_device(f"E2E-OFF-{time.monotonic_ns()}", "retail")
+    receipt = client.send_command(offline.sn, "sit", ttl_s=600)
     log_in(app, core.admin_username, core.admin_password)
     open_page(app, "commands")
     app.selectbox(key="cmd_cancel_id").select(receipt.command_id)
