@@ -8,11 +8,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+import bson
+from bson.errors import InvalidDocument
 from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from .config import StoreSettings
-from .errors import StoreUnavailable
+from .errors import ServiceError, StoreUnavailable
 
 log = logging.getLogger("fleetpush.store")
 T = TypeVar("T")
@@ -32,6 +34,21 @@ def _aware(doc: Doc | None) -> Doc | None:
         elif isinstance(value, dict):
             _aware(value)
     return doc
+
+
+class Unstorable(ServiceError):
+    """A value BSON cannot hold (an integer over 8 bytes, a NUL in a key ...): bad input, replied as 400."""
+
+    def __init__(self, field: str, why: str) -> None:
+        super().__init__(400, "invalid values", errors=[{"field": field, "msg": f"cannot be stored: {why}"}])
+
+
+def check_storable(doc: Mapping[str, Any], field: str = "values") -> None:
+    """Raise Unstorable unless `doc` encodes as BSON; callers check user data before it reaches a batch."""
+    try:
+        bson.encode(doc)
+    except (InvalidDocument, OverflowError) as exc:
+        raise Unstorable(field, str(exc)) from None
 
 
 class Store:
@@ -81,6 +98,9 @@ class Store:
                 return await fn()
         except DuplicateKeyError:
             raise
+        except (InvalidDocument, OverflowError) as exc:
+            # The driver refused the document before sending it: the input is at fault, not the store.
+            raise Unstorable("values", str(exc)) from None
         except (PyMongoError, TimeoutError, OSError) as exc:
             log.warning("store operation %s failed: %s", op, type(exc).__name__)
             raise StoreUnavailable(f"storage unavailable ({op})") from exc
@@ -267,6 +287,8 @@ class Store:
         """Store snapshots and move each device's latest status and last_seen forward."""
         if not snapshots:
             return
+        for snap in snapshots:
+            check_storable(snap, "extra")
         docs = [dict(s) for s in snapshots]
         await self._call("insert_status", lambda: self.status.insert_many(docs, ordered=False))
         latest: dict[str, Doc] = {}
@@ -312,6 +334,7 @@ class Store:
 
     async def insert_command(self, doc: Doc) -> Doc | None:
         """Store a new command; on a duplicate command_id or idempotency key, return the existing one."""
+        check_storable(doc, "args")
         try:
             await self._call("insert_command", lambda: self.commands.insert_one(dict(doc)))
             return None
@@ -353,17 +376,26 @@ class Store:
         update: Doc = {"$set": dict(fields)}
         if inc_attempts:
             update["$inc"] = {"attempts": 1}
-        return _aware(
+        # ReturnDocument.BEFORE, then the update applied here: mongomock's AFTER re-reads the document
+        # with the original filter, so a move out of `from_states` came back as None although it was applied.
+        before = _aware(
             await self._call(
                 "transition",
                 lambda: self.commands.find_one_and_update(
                     {"command_id": command_id, "state": {"$in": list(from_states)}},
                     update,
                     projection={"_id": 0},
-                    return_document=ReturnDocument.AFTER,
+                    return_document=ReturnDocument.BEFORE,
                 ),
             )
         )
+        if before is None:
+            return None
+        after = dict(before)
+        after.update(_aware(dict(fields)) or {})
+        if inc_attempts:
+            after["attempts"] = int(before.get("attempts") or 0) + 1
+        return after
 
     async def list_commands(self, sn: str | None, state: str | None, limit: int = 500) -> list[Doc]:
         """Commands, newest first."""
