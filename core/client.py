@@ -252,9 +252,7 @@ class PushTotals(_Model):
 
 # -------------------------------------------------------------------------------------------- metrics
 
-_SAMPLE_RE = re.compile(
-    r"^(?P<name>[A-Za-z_:][A-Za-z0-9_:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)(?:\s+\S+)?\s*$"
-)
+_SAMPLE_RE = re.compile(r"^(?P<name>[A-Za-z_:][A-Za-z0-9_:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)(?:\s+\S+)?\s*$")
 _LABEL_RE = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
 _UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
 
@@ -295,9 +293,7 @@ def push_totals(text: str) -> PushTotals:
             totals.failure += sample.value
             totals.failure_by_service[service] = totals.failure_by_service.get(service, 0.0) + sample.value
             error_type = sample.labels.get("error_type", "")
-            totals.failure_by_error_type[error_type] = (
-                totals.failure_by_error_type.get(error_type, 0.0) + sample.value
-            )
+            totals.failure_by_error_type[error_type] = totals.failure_by_error_type.get(error_type, 0.0) + sample.value
     return totals
 
 
@@ -445,15 +441,11 @@ class FleetClient:
         try:
             return self._http.request(method, path, params=params, json=json, headers=headers)
         except httpx.TimeoutException:
-            raise FleetUnavailable(
-                f"the core at {self.base_url} did not answer within {self.timeout:g} s"
-            ) from None
+            raise FleetUnavailable(f"the core at {self.base_url} did not answer within {self.timeout:g} s") from None
         except httpx.ConnectError as exc:
             raise FleetUnavailable(f"cannot reach the core at {self.base_url} ({_reason(exc)})") from None
         except httpx.TransportError as exc:
-            raise FleetUnavailable(
-                f"the connection to the core at {self.base_url} failed ({_reason(exc)})"
-            ) from None
+            raise FleetUnavailable(f"the connection to the core at {self.base_url} failed ({_reason(exc)})") from None
 
     def _request(
         self,
@@ -527,9 +519,7 @@ class FleetClient:
         data = self._request("POST", f"/api/v1/devices/{_seg(sn)}/secret")
         return self._parse(DeviceSecret, data, "device secret")
 
-    def history(
-        self, sn: str, since: TimeArg = None, until: TimeArg = None, limit: int = 500
-    ) -> list[Snapshot]:
+    def history(self, sn: str, since: TimeArg = None, until: TimeArg = None, limit: int = 500) -> list[Snapshot]:
         """Stored status snapshots of a device, newest first, at most ``limit`` (1..10000)."""
         params = _params(since=_iso(since), until=_iso(until), limit=limit)
         data = self._request("GET", f"/api/v1/devices/{_seg(sn)}/status", params=params)
@@ -592,9 +582,7 @@ class FleetClient:
         """Counts of connections, devices online by type, messages and pushes."""
         return self._parse(Stats, self._request("GET", "/api/v1/stats"), "stats")
 
-    def audit(
-        self, since: TimeArg = None, actor: str | None = None, action: str | None = None
-    ) -> list[AuditEvent]:
+    def audit(self, since: TimeArg = None, actor: str | None = None, action: str | None = None) -> list[AuditEvent]:
         """Audit events (admin), optionally since a time, of one actor and/or of one action."""
         params = _params(since=_iso(since), actor=actor, action=action)
         return self._parse_list(AuditEvent, self._request("GET", "/api/v1/audit", params=params), "events")
@@ -639,9 +627,7 @@ class FleetClient:
         columns = ["sn", "type", "name", "online", "last_seen", "connected_at", *STATUS_FIELDS, "status_ts"]
         return _frame(rows, columns, ["last_seen", "connected_at", "status_ts"])
 
-    def history_frame(
-        self, sn: str, since: TimeArg = None, until: TimeArg = None, limit: int = 500
-    ) -> pd.DataFrame:
+    def history_frame(self, sn: str, since: TimeArg = None, until: TimeArg = None, limit: int = 500) -> pd.DataFrame:
         """A device's status history as a frame, oldest first: ``ts`` (UTC) and a column per field."""
         rows = [snapshot.model_dump() for snapshot in self.history(sn, since=since, until=until, limit=limit)]
         frame = _frame(rows, ["ts", "sn", *STATUS_FIELDS], ["ts"])
@@ -655,9 +641,7 @@ class FleetClient:
         frame = _frame(rows, columns, times)
         return frame.sort_values("created_at", ascending=False, kind="stable").reset_index(drop=True)
 
-    def audit_frame(
-        self, since: TimeArg = None, actor: str | None = None, action: str | None = None
-    ) -> pd.DataFrame:
+    def audit_frame(self, since: TimeArg = None, actor: str | None = None, action: str | None = None) -> pd.DataFrame:
         """Audit events as a frame with ``ts`` in UTC."""
         rows = [event.model_dump() for event in self.audit(since=since, actor=actor, action=action)]
         return _frame(rows, ["ts", "actor", "action", "target", "outcome", "detail"], ["ts"])

@@ -202,7 +202,13 @@ class StubHandler(BaseHTTPRequestHandler):
                 sn = body["sn"]
                 if sn in s.devices:
                     raise _fail(409, f"device {sn} exists")
-                s.devices[sn] = {"sn": sn, "type": body["type"], "name": body.get("name"), "online": False, "status": {}}
+                s.devices[sn] = {
+                    "sn": sn,
+                    "type": body["type"],
+                    "name": body.get("name"),
+                    "online": False,
+                    "status": {},
+                }
                 raise _Reply(201, {"sn": sn, "type": body["type"], "secret": "s3cret"})
             case "GET", ["api", "v1", "devices", sn]:
                 self._role("viewer")
@@ -288,9 +294,7 @@ class StubHandler(BaseHTTPRequestHandler):
                 online: dict[str, int] = {}
                 for d in s.devices.values():
                     online[d["type"]] = online.get(d["type"], 0) + int(d["online"])
-                raise _Reply(
-                    200, {"connections": sum(online.values()), "devices_online": online, "messages_in": 42}
-                )
+                raise _Reply(200, {"connections": sum(online.values()), "devices_online": online, "messages_in": 42})
         raise _fail(404, f"no route {method} /{'/'.join(parts)}")
 
 
@@ -408,9 +412,7 @@ def fleet_sns(at: AppTest) -> set[str]:
 # ------------------------------------------------------------------------------------------ tests
 
 
-def test_login_form_leads_to_the_fleet_table_with_every_seeded_robot(
-    app: AppTest, core: CoreUnderTest
-) -> None:
+def test_login_form_leads_to_the_fleet_table_with_every_seeded_robot(app: AppTest, core: CoreUnderTest) -> None:
     app.run()
     assert "fleetpush_user" not in app.session_state
     assert [t.label for t in app.text_input] == ["Username", "Password"]
@@ -489,9 +491,7 @@ def test_device_page_shows_latest_status_history_and_commands(app: AppTest, core
     assert {m.label for m in app.metric} >= {"State", "Battery", "Last seen"}
     if core.backend == "stub":
         assert len(app.get("plotly_chart")) == 2  # battery line + code steps
-    command_ids = {
-        cid for f in app.dataframe if "command_id" in f.value.columns for cid in f.value["command_id"]
-    }
+    command_ids = {cid for f in app.dataframe if "command_id" in f.value.columns for cid in f.value["command_id"]}
     assert receipt.command_id in command_ids
 
 
@@ -518,9 +518,7 @@ def test_send_command_validates_json_and_reports_the_ids(app: AppTest, core: Cor
     assert {c.sn for c in sent} >= set(targets)
 
 
-def test_cancel_of_a_command_that_became_final_shows_the_conflict_in_words(
-    app: AppTest, core: CoreUnderTest
-) -> None:
+def test_cancel_of_a_command_that_became_final_shows_the_conflict_in_words(app: AppTest, core: CoreUnderTest) -> None:
     client = _client(core)
     # a robot that never connects, so nothing but the test moves the command on
     offline = client.provision_device(f"E2E-OFF-{time.monotonic_ns()}", "retail")
@@ -578,25 +576,19 @@ def test_broadcast_reports_matched_and_queued(app: AppTest, core: CoreUnderTest)
     assert any("not valid JSON" in e for e in texts(app, "error"))
 
 
-def test_health_page_shows_readiness_pushes_and_connections_to_an_admin(
-    app: AppTest, core: CoreUnderTest
-) -> None:
+def test_health_page_shows_readiness_pushes_and_connections_to_an_admin(app: AppTest, core: CoreUnderTest) -> None:
     log_in(app, core.admin_username, core.admin_password)
     open_page(app, "health")
     assert not app.error, texts(app, "error")
     assert any("Core ready" in s for s in texts(app, "success"))
     assert {m.label for m in app.metric} >= {"Pushes delivered", "Pushes failed"}
-    connection_sns = {
-        sn for f in app.dataframe if "queue_depth" in f.value.columns for sn in f.value["sn"].dropna()
-    }
+    connection_sns = {sn for f in app.dataframe if "queue_depth" in f.value.columns for sn in f.value["sn"].dropna()}
     if core.backend == "stub":
         assert connection_sns == {"DOG-0001", "RET-0001"}
         assert "12" in {m.value for m in app.metric}
 
 
-def test_launch_command_serves_the_dashboard_headless_on_the_given_port(
-    core: CoreUnderTest, tmp_path: Path
-) -> None:
+def test_launch_command_serves_the_dashboard_headless_on_the_given_port(core: CoreUnderTest, tmp_path: Path) -> None:
     if core.backend != "stub":
         pytest.skip("the launch command is checked once")
     from dashboard import launch

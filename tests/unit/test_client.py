@@ -88,9 +88,7 @@ def ok(payload: Any, status: int = 200) -> httpx.Response:
 def test_login_posts_credentials_without_bearer_and_keeps_the_token_for_later_calls() -> None:
     def reply(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/api/v1/auth/login":
-            return ok(
-                {"token": "fresh", "username": "ops", "role": "viewer", "expires_at": "2026-12-02T00:00:00Z"}
-            )
+            return ok({"token": "fresh", "username": "ops", "role": "viewer", "expires_at": "2026-12-02T00:00:00Z"})
         return ok({"devices": []})
 
     client, rec = make(reply, token=None)
