@@ -141,6 +141,7 @@ class SimConfig:
     request_timeout_s: float = 30.0
     max_replaced: int = 3
     max_size: int = 4 * 2**20
+    time_scale: float = 1.0  # model seconds per wall second (time-lapse for demos and notebooks)
 
     def secret_for(self, sn: str) -> str:
         """The per-device secret when one is known, else the fleet secret."""
@@ -475,8 +476,8 @@ class SimDevice:
     # ---- pure parts (unit-tested without sockets) ----
 
     def step(self, dt: float) -> dict[str, Any]:
-        """Advance the state model by ``dt`` seconds and return the status report."""
-        return self.model.step(dt)
+        """Advance the state model by ``dt`` wall seconds (times ``time_scale``) and return the report."""
+        return self.model.step(dt * self.config.time_scale)
 
     def login_values(self) -> dict[str, Any]:
         """The ``/api/user/login`` values, with a timestamp never reused by this device."""
@@ -878,6 +879,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of commands acked with ok=false")
     parser.add_argument("--slow-ack-rate", type=float, default=0.1, help="share of commands acked late")
     parser.add_argument("--slow-ack", type=float, default=3.0, help="seconds a slow ack waits")
+    parser.add_argument("--time-scale", type=float, default=1.0,
+                        help="simulated seconds per real second (e.g. 20 to watch batteries drain)")
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
@@ -886,7 +889,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     return SimConfig(url=args.url, devices=args.devices, types=list(args.types), interval_s=args.interval,
                      secret=secret, sn_prefix=args.sn_prefix, seed=args.seed,
                      ack_failure_rate=args.ack_failure_rate, slow_ack_rate=args.slow_ack_rate,
-                     slow_ack_s=args.slow_ack)
+                     slow_ack_s=args.slow_ack, time_scale=args.time_scale)
 
 
 async def run_fleet(config: SimConfig, duration_s: float | None = None, *, summary_every_s: float = 10.0,

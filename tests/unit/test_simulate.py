@@ -231,6 +231,16 @@ def test_the_model_is_deterministic_for_a_seed() -> None:
     assert [a.step(2.0) for _ in range(500)] == [b.step(2.0) for _ in range(500)]
 
 
+def test_time_scale_speeds_up_the_model() -> None:
+    """With time_scale 10, one wall second moves the model by ten."""
+    fast, slow = device(seed=3, time_scale=10.0), device(seed=3)
+    fast.model.battery = slow.model.battery = 90.0
+    fast.step(1.0)
+    slow.step(10.0)
+    assert fast.model.t == slow.model.t == 10.0
+    assert fast.model.battery == slow.model.battery
+
+
 def test_commands_change_the_model() -> None:
     """dock, dance, stop, move and the rest act on the model; impossible ones fail with a reason."""
     dog = RobotModel("dance_dog", random.Random(1))
@@ -361,10 +371,10 @@ def test_cli_flags_and_the_secret_from_the_environment(monkeypatch: pytest.Monke
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--url", "ws://127.0.0.1:9/ws", "--devices", "5", "--types", "retail",
-                              "dance_dog", "--interval", "0.5", "--seed", "9", "--duration", "3"])
+                              "dance_dog", "--interval", "0.5", "--seed", "9", "--duration", "3", "--time-scale", "20"])
     cfg = config_from_args(args)
     assert (cfg.url, cfg.devices, cfg.types, cfg.interval_s, cfg.seed) == (
         "ws://127.0.0.1:9/ws", 5, ["retail", "dance_dog"], 0.5, 9)
-    assert cfg.secret == "from-env" and args.duration == 3.0
+    assert cfg.secret == "from-env" and args.duration == 3.0 and cfg.time_scale == 20.0
     assert config_from_args(parser.parse_args(["--secret", "flag"])).secret == "flag"
     assert "from-env" not in parser.format_help()
