@@ -48,7 +48,7 @@ class Client:
         except websockets.ConnectionClosed:
             pass
         finally:
-            rcvd = self.ws.close_rcvd
+            rcvd = self.ws.protocol.close_rcvd
             if not self.closed.done():
                 self.closed.set_result(rcvd.code if rcvd else 1006)
             for fut in self._waiting.values():
@@ -104,3 +104,88 @@ class Client:
     async def login_ops(self, username: str = "admin", password: str = ADMIN_PASSWORD) -> dict[str, Any]:
         """Ops login."""
         return await self.request("/admin/auth/login", {"username": username, "password": password})
+
+
+class RawSocket:
+    """A bare RFC 6455 client for what a polite library will not send (bad UTF-8, bad close codes, no reads)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, port: int, origin: str | None = None, rcvbuf: int | None = None) -> RawSocket:
+        """Open /ws and finish the handshake; raises if the server does not answer 101."""
+        import base64
+        import os
+        import socket
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = [
+            "GET /ws HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket", "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13",
+        ]
+        if origin:
+            lines.append(f"Origin: {origin}")
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        if b" 101 " not in head.split(b"\r\n", 1)[0]:
+            writer.close()
+            raise ConnectionError(head.split(b"\r\n", 1)[0].decode())
+        return cls(reader, writer)
+
+    def send_frame(self, opcode: int, payload: bytes, fin: bool = True) -> None:
+        """Write one masked frame."""
+        import os
+        import struct
+
+        mask = os.urandom(4)
+        n = len(payload)
+        head = bytes([(0x80 if fin else 0) | opcode])
+        if n < 126:
+            head += bytes([0x80 | n])
+        elif n < 65536:
+            head += bytes([0x80 | 126]) + struct.pack("!H", n)
+        else:
+            head += bytes([0x80 | 127]) + struct.pack("!Q", n)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.writer.write(head + mask + masked)
+
+    def send_json(self, obj: Any) -> None:
+        """A text frame with a JSON envelope."""
+        self.send_frame(0x1, json.dumps(obj).encode())
+
+    async def read_frame(self, timeout: float = 5) -> tuple[int, bytes]:
+        """The next frame from the server: (opcode, payload)."""
+        import struct
+
+        async with asyncio.timeout(timeout):
+            b0, b1 = await self.reader.readexactly(2)
+            n = b1 & 0x7F
+            if n == 126:
+                n = struct.unpack("!H", await self.reader.readexactly(2))[0]
+            elif n == 127:
+                n = struct.unpack("!Q", await self.reader.readexactly(8))[0]
+            return b0 & 0x0F, await self.reader.readexactly(n)
+
+    async def close_code(self, timeout: float = 5) -> int:
+        """Read until the close frame; its code (1006 when the socket just ended)."""
+        import struct
+
+        try:
+            while True:
+                op, payload = await self.read_frame(timeout)
+                if op == 0x8:
+                    return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return 1006
+
+    def close(self) -> None:
+        """Drop the TCP connection."""
+        self.writer.close()
