@@ -89,7 +89,12 @@ def refresh_seconds() -> float:
 def current_user() -> User | None:
     """The logged-in user of this session, or None."""
     user = st.session_state.get(_USER_KEY)
-    return user if isinstance(user, User) else None
+    if not isinstance(user, User):
+        return None
+    if user.expires_at is not None and user.expires_at <= datetime.now(UTC):
+        logout("Your session expired. Please log in again.")
+        return None
+    return user
 
 
 def require_user() -> User:

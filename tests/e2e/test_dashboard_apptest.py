@@ -546,6 +546,16 @@ def test_an_expired_token_is_shown_in_words_and_logs_out(app: AppTest, core: Cor
     assert [t.label for t in app.text_input] == ["Username", "Password"]
 
 
+def test_a_session_past_its_expiry_goes_back_to_the_login_form(app: AppTest, core: CoreUnderTest) -> None:
+    log_in(app, core.admin_username, core.admin_password)
+    user = app.session_state["fleetpush_user"]
+    app.session_state["fleetpush_user"] = dataclasses.replace(user, expires_at=datetime.now(UTC) - timedelta(seconds=1))
+    app.run()
+    no_exceptions(app)
+    assert [t.label for t in app.text_input] == ["Username", "Password"]
+    assert any("session expired" in i for i in texts(app, "info"))
+
+
 def test_a_core_that_is_down_is_shown_in_words(app: AppTest, core: CoreUnderTest) -> None:
     log_in(app, core.admin_username, core.admin_password)
     app.session_state["fleetpush_core_url"] = f"http://127.0.0.1:{_free_port()}"
