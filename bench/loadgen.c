@@ -9,9 +9,10 @@
  *   idle       hold all connections; reads the server's VmRSS before and after (--server-pid)
  *   broadcast  single-broadcast send->last-receipt latency, then deliveries/s with a window
  *   reqresp    closed-loop replies/s, then latency at half that rate (open loop)
+ *   command    HTTP POST a command -> device gets push device_command -> device acks
  *   ingest     every device reports once per second; the subscribed control connection
  *              measures report->push latency from a timestamp carried in the report's extra
- *   command    HTTP POST a command -> device gets push device_command -> device acks
+ *              (last by default: a server that falls behind here leaves a backlog)
  *
  * Prints one JSON line of results on stdout; progress goes to stderr. Loopback only; every
  * phase is bounded in time, and --max-s bounds the whole run.
@@ -71,7 +72,7 @@ static int o_port = 8765, o_http_port = 0;
 static const char *o_path = "/ws";
 static int o_conns = 100, o_concurrency = 256;
 static const char *o_logins = NULL, *o_control_login = NULL, *o_http_auth = "";
-static const char *o_phases = "idle,broadcast,reqresp,ingest,command";
+static const char *o_phases = "idle,broadcast,reqresp,command,ingest";
 static double o_idle_s = 2, o_bcast_lat_s = 5, o_bcast_sat_s = 5, o_req_s = 5, o_ingest_s = 5, o_cmd_s = 5;
 static int o_bcast_count = 20, o_bcast_window = 4, o_cmd_rate = 100, o_server_pid = 0;
 static double o_max_s = 600, o_connect_s = 120, o_drain_s = 3;
@@ -117,6 +118,7 @@ static samples_t s_connect;
 static uint64_t frames_rx, bytes_rx, frames_tx, pings_rx, login_fail, closed_by_server, proto_err;
 static int close_codes[16][2], n_close_codes;
 static long rss_before_kb = -1, rss_after_kb = -1;
+static int control_close_code;
 
 /* broadcast */
 #define MAX_BCAST (1 << 18)
@@ -455,6 +457,7 @@ static long read_rss_kb(void) {
 }
 
 static void enter_phase(int p);
+static const char *phase_name(int p);
 
 static void next_phase(void) {
     phase_pos++;
@@ -869,6 +872,11 @@ static void on_close_frame(int i, const char *p, size_t n) {
     }
     if (k < 16) close_codes[k][1]++;
     closed_by_server++;
+    if (conns[i].role == R_CONTROL) {
+        control_close_code = code;
+        fprintf(stderr, "loadgen: control connection closed by the server with %d in phase %s\n", code,
+                phase_name(phase));
+    }
     conn_close(i, false);
 }
 
@@ -1066,7 +1074,8 @@ static void report(bool aborted) {
            (unsigned long long)frames_rx, (unsigned long long)bytes_rx, (unsigned long long)frames_tx,
            (unsigned long long)pings_rx, (unsigned long long)closed_by_server, (unsigned long long)proto_err);
     for (int k = 0; k < n_close_codes; k++) printf("%s\"%d\":%d", k ? "," : "", close_codes[k][0], close_codes[k][1]);
-    printf("},\"loadgen_cpu_s\":%.3f,\"wall_s\":%.3f", cpu_at(), (t_now - t_begin) / 1e6);
+    printf("},\"control_close_code\":%d", control_close_code);
+    printf(",\"loadgen_cpu_s\":%.3f,\"wall_s\":%.3f", cpu_at(), (t_now - t_begin) / 1e6);
     if (phase_ran(PH_BCAST_LAT)) {
         uint64_t expected = 0, received = 0;
         for (int s = bc_sat_first; s < bc_next; s++) {

@@ -2,7 +2,7 @@
 
 For every server, connection count and repeat, the driver starts a fresh server pinned to CPU 0,
 runs `bench/build/loadgen` pinned to CPU 1 through the phases idle -> broadcast -> reqresp ->
-ingest -> command on the same logged-in device connections, stops the server by its PID, and
+command -> ingest on the same logged-in device connections, stops the server by its PID, and
 finally prints medians with ratios of fleetpush to each peer. Results go to
 `bench/results/latest.json` and `bench/results/latest.md`. Loopback only; every wait is bounded.
 """
@@ -43,7 +43,7 @@ LOADGEN_SRC = BENCH / "loadgen.c"
 LOADGEN = BUILD / "loadgen"
 CEILING_SRC = BENCH / "ceiling.c"
 CEILING = BUILD / "ceiling"
-ALL_PHASES = "idle,broadcast,reqresp,ingest,command"
+ALL_PHASES = "idle,broadcast,reqresp,command,ingest"
 AIOHTTP_PIN = "aiohttp==3.14.5"
 SERVERS = ("fleetpush", "node", "aiohttp", "websockets")
 PEERS = SERVERS[1:]
@@ -212,8 +212,8 @@ def versions() -> dict[str, str]:
     with contextlib.suppress(Exception):
         pkg = json.loads((BENCH / "node_modules" / "ws" / "package.json").read_text())
         out["ws"] = pkg["version"]
-    for mod in ("tornado", "websockets", "aiohttp"):
-        code = f"import {mod}; print({mod}.__version__)"
+    for mod in ("fleetpush", "tornado", "websockets", "aiohttp"):
+        code = f"import importlib.metadata as m; print(m.version({mod!r}))"
         with contextlib.suppress(Exception):
             r = subprocess.run(
                 [sys.executable, "-c", code],
