@@ -666,6 +666,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    if argv and argv[0] == "--":  # `fleetpush bench -- --quick` hands the separator through
+        argv = argv[1:]
     p = argparse.ArgumentParser(prog="fleetpush bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="300 connections, ~2 s phases, one repeat (test suite)")
     p.add_argument("--servers", default=",".join(SERVERS), help="comma list of " + ",".join(SERVERS))
