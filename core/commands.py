@@ -15,7 +15,7 @@ from .errors import ServiceError, StoreUnavailable
 from .hub import Hub
 from .metrics import Metrics
 from .push import Pusher
-from .store import FINAL_STATES, OPEN_STATES, Store
+from .store import FINAL_STATES, OPEN_STATES, Store, check_storable
 
 log = logging.getLogger("fleetpush.commands")
 
@@ -173,6 +173,7 @@ class CommandOutbox:
                                values={"command_id": command_id, "state": doc["state"]})
         state = "acked" if ok else "failed"
         result = {"ok": ok, "code": code, "msg": msg, "values": values}
+        check_storable(result, "values")
         updated = await self.store.transition(
             command_id, OPEN_STATES, {"state": state, "acked_at": self._now(), "result": result}
         )

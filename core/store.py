@@ -88,7 +88,12 @@ class Store:
 
     def share(self) -> Store:
         """A second Store over the same client and data (a restarted app on the same database)."""
-        return Store(self.settings, client=self._client)
+        other = Store(self.settings, client=self._client)
+        # The indexes live with the data. Creating them again is harmless on MongoDB, but mongomock
+        # checks a unique index against existing documents ignoring partialFilterExpression, so a
+        # second ensure_indexes failed with DuplicateKeyError once two commands had no idempotency key.
+        other.indexes_ready = self.indexes_ready
+        return other
 
     async def _call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
         # Every driver call goes through here so a dead or silent server becomes a quick 503,
