@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,10 @@ def _access_log(handler: tornado.web.RequestHandler) -> None:
     )
 
 
+def _counter(hub: Hub, kind: str) -> Callable[[], float]:
+    return lambda: float(hub.counts()[kind])
+
+
 class FleetApp:
     """One core node: the Tornado application plus its lifecycle."""
 
@@ -71,6 +76,8 @@ class FleetApp:
         auth = Authenticator(settings, store, clock, self.executor, metrics)
         monitor = Monitor(settings, store, push, clock, metrics, node_id)
         commands = CommandOutbox(settings, store, hub, push, audit, clock, metrics)
+        for kind in ("device", "ops", "anon"):
+            metrics.connections.labels(kind).set_function(_counter(hub, kind))
         self.deps = Deps(settings, clock, store, hub, push, auth, monitor, commands, audit, metrics, node_id)
         self.rules = ServerRules(SERVICE_TABLE, self.deps)
         self.gateway = Gateway(self.deps, self.rules)

@@ -114,7 +114,7 @@ class Connection:
         if self.closed:
             return False
         if self._inflight_since is None:
-            self._write(frame)
+            self._write(frame, 1)
             return True
         if len(self._queue) >= self.max_queue:
             self.metrics.queue_overflows.inc()
@@ -125,7 +125,7 @@ class Connection:
         self._queue.append(frame)
         return True
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, frames: int) -> None:
         self._inflight_since = self.clock.monotonic()
         try:
             fut = self.sink.write_frames(data)
@@ -134,6 +134,7 @@ class Connection:
             self.closed = True
             return
         self.metrics.bytes_out.inc(len(data))
+        self.metrics.frames_out.inc(frames)
         if fut is None:
             self._flushed(None)
         else:
@@ -150,7 +151,7 @@ class Connection:
         if self._queue and not self.closed:
             q = self._queue
             if len(q) == 1:
-                self._write(q.popleft())
+                self._write(q.popleft(), 1)
                 return
             parts = []
             size = 0
@@ -158,7 +159,7 @@ class Connection:
                 frame = q.popleft()
                 parts.append(frame)
                 size += len(frame)
-            self._write(b"".join(parts))
+            self._write(b"".join(parts), len(parts))
 
     def write_stalled(self, now: float, timeout: float) -> bool:
         """True when one write has waited on the socket longer than `timeout`."""

@@ -49,6 +49,7 @@ class Hub:
         self._subs_all: set[Connection] = set()
         self._subs_sn: dict[str, set[Connection]] = {}
         self._subs_type: dict[str, set[Connection]] = {}
+        self._removal_watchers: list[Callable[[Connection], None]] = []
 
     # ---------------------------------------------------------------- ownership
 
@@ -70,7 +71,14 @@ class Hub:
         self._ops.discard(conn)
         self._drop_subscriptions(conn)
         conn.run_undo()
+        for watcher in list(self._removal_watchers):
+            watcher(conn)
         return current
+
+    def watch_removals(self, fn: Callable[[Connection], None]) -> Callable[[], None]:
+        """Call `fn` with every connection the hub drops; returns the undo."""
+        self._removal_watchers.append(fn)
+        return lambda: self._removal_watchers.remove(fn)
 
     def bind_device(self, conn: Connection, sn: str, type_: str) -> Connection | None:
         """Mark `conn` as device `sn`; returns the older connection of that sn, now unindexed."""

@@ -191,8 +191,8 @@ class FleetSocket(WebSocketHandler):
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         """Send a close frame; for a dead or stuck peer, drop the socket at once instead of waiting."""
+        ws = self.ws_connection  # Tornado's close() forgets it
         super().close(code, reason)
-        ws = self.ws_connection
         if code in (CLOSE_HEARTBEAT, CLOSE_SLOW_CONSUMER) and ws is not None:
             # Such a peer will not answer the closing handshake; waiting for it would keep a
             # dead connection in the hub (and the device online) for Tornado's 5 s close timeout.

@@ -16,6 +16,18 @@ FLEET_SECRET = "fleet-secret-for-tests-0123456789"
 ADMIN_PASSWORD = "admin-pass-for-tests"
 
 
+_last_ts: dict[str, int] = {}
+
+
+def _fresh_timestamp(sn: str) -> int:
+    """Now, but never a (sn, timestamp) pair used before: the server refuses replays."""
+    import time
+
+    ts = max(int(time.time()), _last_ts.get(sn, 0) + 1)
+    _last_ts[sn] = ts
+    return ts
+
+
 class Client:
     """One WebSocket client: requests get their reply by request_id, pushes are queued by service."""
 
@@ -93,9 +105,7 @@ class Client:
         self, sn: str, type_: str = "retail", secret: str = FLEET_SECRET, timestamp: int | None = None
     ) -> dict[str, Any]:
         """Device login with an HMAC token."""
-        import time
-
-        ts = int(time.time()) if timestamp is None else timestamp
+        ts = _fresh_timestamp(sn) if timestamp is None else timestamp
         return await self.request(
             "/api/user/login",
             {"sn": sn, "timestamp": ts, "token": device_token(secret, sn, ts), "type": type_, "firmware": "1.0"},
@@ -189,3 +199,20 @@ class RawSocket:
     def close(self) -> None:
         """Drop the TCP connection."""
         self.writer.close()
+
+
+async def removed(hub: Any, predicate: Any, timeout: float = 5) -> None:
+    """Wait until the hub drops a connection for which `predicate(conn)` holds (now or already)."""
+    if not any(predicate(c) for c in hub):
+        return
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def watch(conn: Any) -> None:
+        if predicate(conn) and not done.done():
+            done.set_result(None)
+
+    undo = hub.watch_removals(watch)
+    try:
+        await asyncio.wait_for(done, timeout)
+    finally:
+        undo()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import struct
 from collections.abc import Callable
@@ -10,10 +9,11 @@ from typing import Any
 
 import pytest
 import websockets
-
 from conftest import Core, make_settings
+from fleetkit import FLEET_SECRET, Client, RawSocket, removed
+
+from core.auth import device_token
 from core.clock import ManualClock
-from fleetkit import Client, RawSocket
 
 
 async def handshake_status(core: Core, origin: str) -> int:
@@ -85,13 +85,6 @@ async def test_invalid_utf8_1007_and_bad_close_code_1002(core: Core) -> None:
     assert (await c.request("/api/device/heartbeat"))["code"] == 0
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 5) -> None:
-    """Wait for a condition the server reaches on its own (its sweeper runs every 20 ms)."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-
 async def test_login_deadline_4401(core_factory: Callable[..., Any]) -> None:
     clock = ManualClock()
     core = await core_factory(clock=clock)
@@ -99,8 +92,8 @@ async def test_login_deadline_4401(core_factory: Callable[..., Any]) -> None:
     logged = await core.client()
     assert (await logged.login_device("RET-0001", timestamp=int(clock.time())))["code"] == 0
     clock.advance(9)
-    await asyncio.sleep(0.1)  # several sweeps pass: nothing may happen before the deadline
-    assert not idle.closed.done()
+    core.app.gateway.sweep()  # a sweep before the deadline closes nothing
+    assert not any(c.closed for c in core.app.deps.hub)
     clock.advance(2)
     assert await idle.close_code() == 4401
     assert not logged.closed.done()
@@ -113,9 +106,6 @@ async def test_server_pings_and_heartbeat_timeout_4408(core_factory: Callable[..
     lively = await RawSocket.connect(core.port)
     for r in (silent, lively):
         ts = int(clock.time())
-        from core.auth import device_token
-        from fleetkit import FLEET_SECRET
-
         sn = "SIL-1" if r is silent else "LIV-1"
         r.send_json({"service": "/api/user/login", "request_id": 1,
                      "values": {"sn": sn, "timestamp": ts, "token": device_token(FLEET_SECRET, sn, ts),
@@ -127,10 +117,12 @@ async def test_server_pings_and_heartbeat_timeout_4408(core_factory: Callable[..
         op, payload = await lively.read_frame()
         assert op == 0x9  # the server's ping
         lively.send_frame(0xA, payload)
-        await until(lambda: core.app.deps.hub.device("LIV-1") is not None
-                    and core.app.deps.hub.device("LIV-1").last_rx == clock.monotonic())  # type: ignore[union-attr]
+        # Frames are handled in order: once this reply is back, the pong was seen too.
+        lively.send_json({"service": "/api/device/heartbeat", "request_id": 2})
+        op, payload = await lively.read_frame()
+        assert op == 0x1 and json.loads(payload)["code"] == 0
     assert await silent.close_code() == 4408
-    await until(lambda: core.app.deps.hub.device("SIL-1") is None)  # dropped at once, not after 5 s
+    await removed(core.app.deps.hub, lambda c: c.sn == "SIL-1", timeout=1)  # dropped at once, not after 5 s
     assert core.app.deps.hub.device("LIV-1") is not None
     doc = await core.app.deps.store.get_device("SIL-1")
     assert doc is not None and doc["offline_reason"] == "heartbeat_timeout"
@@ -144,8 +136,9 @@ async def test_connection_cap_refuses_handshake(core_factory: Callable[..., Any]
     with pytest.raises(websockets.InvalidStatus) as info:
         await Client.connect(core.ws_url)
     assert info.value.response.status_code == 503
+    a_id = next(iter(core.app.deps.hub)).id
     await a.close()
-    await until(lambda: len(core.app.deps.hub) < 2)
+    await removed(core.app.deps.hub, lambda c: c.id == a_id)
     c = await core.client()
     assert (await c.login_device("RET-9"))["code"] == 0
     await b.close()
