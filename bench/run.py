@@ -68,6 +68,7 @@ METRICS: list[tuple[str, str, str, str, bool]] = [
     ("command", "ack_errors", "command acks answered with an error", "", False),
     ("idle", "rss_per_conn_kib", "RSS per idle connection", "KiB", False),
     ("idle", "conns_per_s", "connections opened/s (login incl.)", "1/s", True),
+    ("idle", "devices_ready", "devices logged in", "", True),
 ]
 SCENARIOS = ("broadcast", "reqresp", "ingest", "command", "idle")
 
@@ -87,11 +88,13 @@ class Profile:
     cmd_s: float
     cmd_rate: int
     drain_s: float
+    connect_cap_s: float
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-FULL = Profile([1000, 5000, 10000], 3, 2.0, 6.0, 20, 5.0, 5.0, 5.0, 4.0, 100, 3.0)
-QUICK = Profile([300], 1, 0.5, 1.5, 5, 1.5, 1.5, 2.0, 1.5, 50, 2.0)
+FULL = Profile([1000, 5000, 10000], 3, 2.0, 6.0, 20, 5.0, 5.0, 5.0, 4.0, 100, 3.0, 60.0)
+QUICK = Profile([300], 1, 0.5, 1.5, 5, 1.5, 1.5, 2.0, 1.5, 50, 2.0, 40.0)
+CONCURRENCY = 64  # handshakes + logins in flight while connecting
 
 
 def log(msg: str) -> None:
@@ -473,8 +476,8 @@ def run_once(t: Target, n: int, prof: Profile, workdir: Path, run_id: str, pin_c
             + prof.ingest_s
             + prof.cmd_s
             + 6 * prof.drain_s
-            + 10
-            + n / 200
+            + prof.connect_cap_s
+            + 15
         )
         lg = [
             str(LOADGEN),
@@ -513,7 +516,9 @@ def run_once(t: Target, n: int, prof: Profile, workdir: Path, run_id: str, pin_c
             "--max-s",
             f"{budget:.0f}",
             "--connect-s",
-            str(30 + n / 100),
+            str(prof.connect_cap_s),
+            "--concurrency",
+            str(CONCURRENCY),
             "--phases",
             t.phases,
             "--bcast-window",
@@ -580,7 +585,11 @@ def summarize(raw: dict[str, Any]) -> dict[str, dict[str, float | None]]:
             "latency_p99_ms": g(c, "latency", "p99_ms"),
             "ack_errors": g(c, "ack_errors"),
         },
-        "idle": {"rss_per_conn_kib": rss, "conns_per_s": g(raw, "conns_per_s")},
+        "idle": {
+            "rss_per_conn_kib": rss,
+            "conns_per_s": g(raw, "conns_per_s"),
+            "devices_ready": g(raw, "devices_ready"),
+        },
     }
 
 
