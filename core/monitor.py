@@ -12,7 +12,7 @@ from .connection import Connection
 from .errors import StoreUnavailable
 from .metrics import Metrics
 from .push import Pusher
-from .store import Store
+from .store import Store, check_storable
 
 log = logging.getLogger("fleetpush.monitor")
 
@@ -104,6 +104,8 @@ class Monitor:
         assert conn.sn is not None
         ts = utc(self.clock.time())
         doc: dict[str, Any] = {"sn": conn.sn, "type": conn.device_type, "ts": ts, **fields}
+        # Checked here, alone: one report BSON cannot hold would otherwise fail its whole batch.
+        check_storable(doc, "extra")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((doc, fut))
         if self._flusher is None or self._flusher.done():
