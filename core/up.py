@@ -22,7 +22,7 @@ def _wait_http(url: str, deadline: float, proc: subprocess.Popen[bytes]) -> bool
         if proc.poll() is not None:
             return False
         try:
-            with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback only
+            with urllib.request.urlopen(url, timeout=1) as resp:
                 if resp.status == 200:
                     return True
         except (urllib.error.URLError, OSError):
