@@ -329,6 +329,20 @@ async def test_error_replies_are_counted_and_silence_reconnects(core: tuple[Mini
     assert fleet.stats().closes[1000] >= 2
 
 
+async def test_a_slow_server_gets_at_most_two_reports_in_flight(core: tuple[MiniCore, str]) -> None:
+    """While status replies are outstanding, a device skips beats instead of piling up requests."""
+    mini, url = core
+    mini.status_code = -1
+    fleet = Fleet(config(url, devices=1, request_timeout_s=WAIT * 3))
+    await fleet.start()
+    try:
+        assert await fleet.wait_until(lambda s: s.reports_skipped >= 5, WAIT)
+    finally:
+        await fleet.stop()
+    assert list(mini.reports.values()) == [2]
+    assert fleet.stats().reconnects == 0 and fleet.stats().reply_timeouts == 0
+
+
 async def test_main_runs_for_duration_and_prints_summary(core: tuple[MiniCore, str],
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """The CLI entry point runs a fleet for --duration and prints a final summary without the secret."""
