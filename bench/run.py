@@ -715,6 +715,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)  # also when started with SIGINT ignored (a background job)
     workdir = Path(tempfile.mkdtemp(prefix="fleetpush-bench-"))
     result: dict[str, Any] = {
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
