@@ -87,10 +87,12 @@ def recent(sns: list[str]) -> None:
         "created_at",
         "expires_at",
         "attempts",
+        "result",
         "issued_by",
     ]
     table = frame.head(200)[columns].copy()
-    table["args"] = table["args"].map(lambda value: json.dumps(value, sort_keys=True))
+    for column in ("args", "result"):
+        table[column] = table[column].map(lambda value: "" if value is None else json.dumps(value, sort_keys=True))
     st.dataframe(table, hide_index=True, width="stretch")
 
     open_ids = [
