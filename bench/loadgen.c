@@ -1060,6 +1060,7 @@ static bool phase_ran(int p) {
 }
 
 static void report(bool aborted) {
+    if (!connect_t1) connect_t1 = t_now; /* stopped while still connecting */
     double connect_s = (connect_t1 - connect_t0) / 1e6;
     printf("{\"conns\":%d,\"devices_ready\":%d,\"control\":%s,\"failed\":%d,\"login_fail\":%llu,\"aborted\":%s,",
            o_conns, n_devices_ready, conns[ctl_idx].state == C_READY ? "true" : "false", n_failed,
