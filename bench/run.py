@@ -230,6 +230,13 @@ def versions() -> dict[str, str]:
     return out
 
 
+def loadavg() -> float | None:
+    """1-minute load average: other work on this shared machine shows up here."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    return None
+
+
 def machine() -> dict[str, Any]:
     """nproc, CPU model and memory of this machine."""
     model = ""
@@ -246,6 +253,7 @@ def machine() -> dict[str, Any]:
         "cpu_model": model,
         "mem_gib": round(mem_kib / 2**20, 1),
         "kernel": platform.release(),
+        "loadavg_1m_at_start": loadavg(),
         "nofile_hard": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
     }
 
@@ -548,6 +556,7 @@ def run_once(t: Target, n: int, prof: Profile, workdir: Path, run_id: str, pin_c
             raise RuntimeError(f"loadgen gave no result (rc {lgp.returncode}):\n{tail}\nserver:\n{proc.tail()}")
         raw = json.loads(lines[-1])
         raw["server_alive_at_end"] = proc.alive()
+        raw["loadavg_1m_at_end"] = loadavg()
     return raw
 
 
@@ -718,7 +727,9 @@ def markdown(result: dict[str, Any]) -> str:
         "# fleetpush benchmark: latest results\n",
         f"Run {result['started']} ({'quick' if result['quick'] else 'full'}), "
         f"{m['nproc']} × {m['cpu_model']}, {m['mem_gib']} GiB, Linux {m['kernel']}; server on CPU 0, "
-        f"load generator on CPU 1 ({'pinned' if result['pinned'] else 'NOT pinned'}).",
+        f"load generator on CPU 1 ({'pinned' if result['pinned'] else 'NOT pinned'}); "
+        f"1-minute load average {m.get('loadavg_1m_at_start')} at start, {m.get('loadavg_1m_at_end')} at end "
+        "(the machine is shared: other work adds noise).",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
         "Ratios are fleetpush ÷ peer: above 1 is better for rates, below 1 is better for latency and RSS.\n",
         tables(result),
@@ -842,6 +853,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log(f"logs kept in {workdir}")
     result.setdefault("versions", {})
+    result["machine"]["loadavg_1m_at_end"] = loadavg()
     for s in result["servers"]:
         for n in prof.sizes:
             runs = [r["summary"] for r in result["runs"] if r["server"] == s and r["conns"] == n]
