@@ -211,6 +211,10 @@ def online_ratio(history: pd.DataFrame, devices: pd.DataFrame, bucket: pd.Timede
         [sorted(seen.index.get_level_values("bucket").unique()), sorted(fleet.index)], names=["bucket", "type"]
     )
     frame = seen.reindex(grid, fill_value=0).rename("online").reset_index()
+    # Buckets cut by the start or end of the data are partial and would show a dip that is not there.
+    inside = (frame["bucket"] >= history["ts"].min()) & (frame["bucket"] + bucket <= history["ts"].max())
+    if inside.any():
+        frame = frame[inside]
     frame = frame.merge(fleet.reset_index(), on="type")
     frame["ratio"] = frame["online"] / frame["robots"]
     return frame

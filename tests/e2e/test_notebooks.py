@@ -18,12 +18,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -34,6 +35,7 @@ papermill = pytest.importorskip("papermill", reason="papermill is not installed 
 nbformat = pytest.importorskip("nbformat")
 pytest.importorskip("ipykernel")
 
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
@@ -191,57 +193,84 @@ def _issue_offline(client: FleetClient, leavers: list[str], issued: Issued) -> N
         issued.add("canceled", receipt.command_id)
 
 
-async def _populate(core: CoreProcess, client: FleetClient) -> Issued:
-    """Run the fleets, issue the commands, and wait until every command is final."""
-    stay = _fleet(core.ws_url, "SIM", DEVICES, seed=11)
-    leave = _fleet(core.ws_url, "GONE", LEAVERS, seed=12, types=["rubbish"])
-    for device in stay.devices[:WORN]:
-        _time_lapse(device, LAPSE, extra_drain_per_s=WORN_EXTRA_DRAIN)
+class SimLoop:
+    """An event loop in a thread: the fleets keep reporting while the test and the notebooks run."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="sim-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], limit_s: float) -> T:
+        """Run a coroutine on the loop and wait for its result, at most ``limit_s`` seconds."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(limit_s)
+
+    def close(self) -> None:
+        """Stop the loop and its thread."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+async def _populate(client: FleetClient, stay: Fleet, leave: Fleet) -> Issued:
+    """Run the fleets, take the leavers away, issue the commands, and wait until every command is final."""
     issued = Issued()
     rng = random.Random(5)
     await stay.start()
     await leave.start()
-    try:
-        assert await stay.wait_connected(DEVICES, WAIT_S), stay.stats().summary()
-        assert await leave.wait_connected(LEAVERS, WAIT_S), leave.stats().summary()
-        sns_by_type: dict[str, list[str]] = {}
-        for device in stay.devices:
-            sns_by_type.setdefault(device.type, []).append(device.sn)
-        await asyncio.sleep(PHASE_S / 2)  # history accrues in real time: this is the run's length, not a wait
-        await asyncio.to_thread(_issue_online, client, sns_by_type, rng, issued)
-        await asyncio.sleep(PHASE_S / 2)
-        await leave.stop()
-        leavers = [d.sn for d in leave.devices]
+    assert await stay.wait_connected(DEVICES, WAIT_S), stay.stats().summary()
+    assert await leave.wait_connected(LEAVERS, WAIT_S), leave.stats().summary()
+    sns_by_type: dict[str, list[str]] = {}
+    for device in stay.devices:
+        sns_by_type.setdefault(device.type, []).append(device.sn)
+    await asyncio.sleep(PHASE_S / 2)  # history accrues in real time: this is the run's length, not a wait
+    await asyncio.to_thread(_issue_online, client, sns_by_type, rng, issued)
+    await asyncio.sleep(PHASE_S / 2)
+    await leave.stop()
+    leavers = [d.sn for d in leave.devices]
 
-        def offline() -> bool:
-            return all(not d.online for d in client.devices() if d.sn in leavers)
+    def offline() -> bool:
+        return all(not d.online for d in client.devices() if d.sn in leavers)
 
-        await asyncio.to_thread(_wait_for, offline, WAIT_S, "the leavers to be offline")
-        await asyncio.to_thread(_issue_offline, client, leavers, issued)
-        await asyncio.to_thread(_issue_online, client, sns_by_type, rng, issued)
-        await asyncio.sleep(PHASE_S)
+    await asyncio.to_thread(_wait_for, offline, WAIT_S, "the leavers to be offline")
+    await asyncio.to_thread(_issue_offline, client, leavers, issued)
+    await asyncio.to_thread(_issue_online, client, sns_by_type, rng, issued)
+    await asyncio.sleep(PHASE_S)
 
-        def all_final() -> bool:
-            states = {c.command_id: c.state for c in client.commands()}
-            return all(states.get(cid) in FINAL_COMMAND_STATES for cid in issued.all())
+    def all_final() -> bool:
+        states = {c.command_id: c.state for c in client.commands()}
+        return all(states.get(cid) in FINAL_COMMAND_STATES for cid in issued.all())
 
-        await asyncio.to_thread(_wait_for, all_final, WAIT_S, "every command to be final")
-    finally:
-        await stay.stop()
-        await leave.stop()
+    await asyncio.to_thread(_wait_for, all_final, WAIT_S, "every command to be final")
     return issued
 
 
 @pytest.fixture(scope="module")
-def fleet_data(core: CoreProcess) -> dict[str, Any]:
-    """History and commands of every outcome in the core; a summary of what is there."""
-    with FleetClient.connect(core.http_url, "admin", ADMIN_PASSWORD) as client:
-        issued = asyncio.run(_populate(core, client))
-        commands = client.commands()
-        states = Counter(c.state for c in commands)
-        retried = sum(1 for c in commands if c.attempts > 1)
-        devices = client.devices()
-    return {"issued": issued, "states": states, "retried": retried, "devices": devices}
+def fleet_data(core: CoreProcess) -> Iterator[dict[str, Any]]:
+    """History and commands of every outcome in the core; the fleet keeps reporting until the module ends."""
+    sim = SimLoop()
+    stay = _fleet(core.ws_url, "SIM", DEVICES, seed=11)
+    leave = _fleet(core.ws_url, "GONE", LEAVERS, seed=12, types=["rubbish"])
+    worn = [device.sn for device in stay.devices[:WORN]]
+    for device in stay.devices[:WORN]:
+        _time_lapse(device, LAPSE, extra_drain_per_s=WORN_EXTRA_DRAIN)
+    try:
+        with FleetClient.connect(core.http_url, "admin", ADMIN_PASSWORD) as client:
+            issued = sim.run(_populate(client, stay, leave), 4 * WAIT_S + 2 * PHASE_S)
+            stay.config.interval_s = 0.5  # lighter load while the notebooks run; still several reports a bucket
+            commands = client.commands()
+            devices = client.devices()
+        yield {
+            "issued": issued,
+            "states": Counter(c.state for c in commands),
+            "retried": sum(1 for c in commands if c.attempts > 1),
+            "devices": devices,
+            "worn": worn,
+        }
+    finally:
+        sim.run(stay.stop(), WAIT_S)
+        sim.run(leave.stop(), WAIT_S)
+        sim.close()
 
 
 @pytest.fixture(scope="module")
@@ -316,6 +345,19 @@ def _markdown(cell: Any) -> str:
     return "".join(out.get("data", {}).get("text/markdown", "") for out in cell.get("outputs", []))
 
 
+def _expected_findings(stem: str, fleet_data: dict[str, Any]) -> list[str]:
+    """What the conclusions must say about the fleet this test made."""
+    if stem.startswith("01"):
+        return ["**rubbish** was the least available", f"{DEVICES} of {DEVICES + LEAVERS} robots are online"]
+    if stem.startswith("02"):
+        return [f"**{sn}**" for sn in fleet_data["worn"]]
+    if stem.startswith("03"):
+        states = fleet_data["states"]
+        return [f"{state} " for state in ("acked", "failed", "expired", "canceled")] + [
+            f"Expired**: {states['expired']} commands", "100% of them were never delivered"]
+    return []
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("path", NOTEBOOK_FILES, ids=[p.stem for p in NOTEBOOK_FILES])
 def test_notebook_executes(path: Path, core: CoreProcess, fleet_data: dict[str, Any], kernel_env: str,
@@ -344,6 +386,9 @@ def test_notebook_executes(path: Path, core: CoreProcess, fleet_data: dict[str, 
         assert len(text.strip()) > 40, f"{path.name}: conclusion rendered nothing:\n{cell.source[:200]}"
     params = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert params and core.http_url in params[0].source
+    findings = "\n".join(_markdown(c) for c in conclusions)
+    for expected in _expected_findings(path.stem, fleet_data):
+        assert expected in findings, f"{path.name}: conclusion lacks {expected!r}:\n{findings}"
     mongo = [c for c in nb.cells if "mongodb" in c.metadata.get("tags", [])]
     assert mongo, f"{path.name}: no MongoDB query cell"
     assert "MONGO_URL not set" in "".join(o.get("text", "") for c in mongo for o in c.get("outputs", []))
