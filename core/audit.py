@@ -31,6 +31,9 @@ class Audit:
             "outcome": outcome,
             "detail": detail or {},
         }
+        if self.store.just_failed():
+            log.warning("audit event not stored (store unavailable): %s %s %s", actor, action, outcome)
+            return
         try:
             await self.store.insert_audit(event)
         except StoreUnavailable:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -85,6 +86,7 @@ class Store:
         self.audit_log = db["audit"]
         self.replay = db["replay"]
         self.indexes_ready = False
+        self.failed_at: float | None = None  # time.monotonic() of the latest failed call, None after a success
 
     def share(self) -> Store:
         """A second Store over the same client and data (a restarted app on the same database)."""
@@ -100,15 +102,28 @@ class Store:
         # never a hang: the driver's own timeouts, bounded again by op_timeout_s.
         try:
             async with asyncio.timeout(self.settings.op_timeout_s + 0.5):
-                return await fn()
+                result = await fn()
+            self.failed_at = None
+            return result
         except DuplicateKeyError:
+            self.failed_at = None
             raise
         except (InvalidDocument, OverflowError) as exc:
             # The driver refused the document before sending it: the input is at fault, not the store.
             raise Unstorable("values", str(exc)) from None
         except (PyMongoError, TimeoutError, OSError) as exc:
+            self.failed_at = time.monotonic()
             log.warning("store operation %s failed: %s", op, type(exc).__name__)
             raise StoreUnavailable(f"storage unavailable ({op})") from exc
+
+    def just_failed(self) -> bool:
+        """True when the latest store call failed for want of the store (within the selection timeout).
+
+        Best-effort writers (the audit trail) skip their write then, so an action that already waited
+        out one store timeout does not wait out a second one just to log that it failed.
+        """
+        at = self.failed_at
+        return at is not None and time.monotonic() - at < self.settings.server_selection_timeout_s + 0.5
 
     async def _update_one(self, op: str, flt: Doc, upd: Doc) -> None:
         await self._call(op, lambda: self.devices.update_one(flt, upd))
