@@ -62,7 +62,7 @@ METRICS: list[tuple[str, str, str, str, bool]] = [
     ("ingest", "latency_p50_ms", "ingest report→push p50", "ms", False),
     ("ingest", "latency_p99_ms", "ingest report→push p99", "ms", False),
     ("ingest", "stored_per_s", "ingest reports stored/s", "1/s", True),
-    ("ingest", "dropped", "ingest reports not pushed", "", False),
+    ("ingest", "dropped", "ingest reports not pushed within the drain", "", False),
     ("command", "latency_p50_ms", "command HTTP→device→ack p50", "ms", False),
     ("command", "latency_p99_ms", "command HTTP→device→ack p99", "ms", False),
     ("command", "ack_errors", "command acks answered with an error", "", False),
@@ -824,7 +824,7 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"  broadcast {fmt(brief[0])}/s, reqresp {fmt(brief[1])}/s")
         if not args.no_ceiling:
             build_c(CEILING_SRC, CEILING)
-            ct = Target("ceiling", [str(CEILING)], dict(os.environ), phases="broadcast,reqresp", bcast_window=8)
+            ct = Target("ceiling", [str(CEILING)], dict(os.environ), phases="broadcast,reqresp", bcast_window=32)
             for n in prof.sizes:
                 log(f"load generator ceiling against a trivial C server: {n} connections")
                 try:
