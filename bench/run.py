@@ -207,6 +207,24 @@ def fleetpush_cmd() -> list[str] | None:
     return [sys.executable, "-m", "core", "serve"]
 
 
+def core_snapshot(ref: str, dest: Path) -> tuple[Path, str]:
+    """Export `core/` and `config.yaml` at git `ref` into `dest`, so edits in the work tree during a
+    long run cannot change what is measured; returns the folder and the commit."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--verify", f"{ref}^{{commit}}"], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    if commit.returncode != 0:
+        raise RuntimeError(f"--core-ref {ref}: {commit.stderr.strip()}")
+    dest.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "archive", commit.stdout.strip(), "core", "config.yaml"], cwd=ROOT, capture_output=True, timeout=60
+    )
+    if archive.returncode != 0:
+        raise RuntimeError(f"git archive {ref}: {archive.stderr.decode(errors='replace').strip()}")
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True, timeout=60)
+    return dest, commit.stdout.strip()
+
+
 def versions() -> dict[str, str]:
     """Versions of what is measured."""
     out: dict[str, str] = {"python": platform.python_version()}
@@ -369,9 +387,10 @@ class Target:
     admin_login: bool = False
     phases: str = ALL_PHASES
     bcast_window: int = 4
+    cwd: Path = ROOT
 
 
-def targets(selected: list[str]) -> tuple[list[Target], dict[str, str]]:
+def targets(selected: list[str], core_dir: Path | None = None) -> tuple[list[Target], dict[str, str]]:
     """The servers that can run here, and why the others can't."""
     out: list[Target] = []
     skipped: dict[str, str] = {}
@@ -379,7 +398,7 @@ def targets(selected: list[str]) -> tuple[list[Target], dict[str, str]]:
     base["BENCH_DEVICE_SECRET"] = DEVICE_SECRET
     for name in selected:
         if name == "fleetpush":
-            cmd = fleetpush_cmd()
+            cmd = [sys.executable, "-m", "core", "serve"] if core_dir else fleetpush_cmd()
             if cmd is None:
                 skipped[name] = "core/__main__.py not there yet (the core has not landed)"
                 continue
@@ -393,7 +412,9 @@ def targets(selected: list[str]) -> tuple[list[Target], dict[str, str]]:
                 "FLEETPUSH_LIMITS__RATE_PER_S": "1000000",
                 "FLEETPUSH_LIMITS__RATE_BURST": "1000000",
             }
-            out.append(Target(name, cmd, env, admin_login=True))
+            if core_dir:
+                env["PYTHONPATH"] = str(core_dir)
+            out.append(Target(name, cmd, env, admin_login=True, cwd=core_dir or ROOT))
         elif name == "node":
             why = ensure_node_ws()
             if why:
@@ -462,7 +483,7 @@ def run_once(t: Target, n: int, prof: Profile, workdir: Path, run_id: str, pin_c
     cmd = [*t.cmd, "--port", str(port)] if t.name == "fleetpush" else [*t.cmd, str(port)]
     if t.name == "fleetpush":
         env["FLEETPUSH_SERVER__PORT"] = str(port)
-    proc = Proc(t.name, pin(0, cmd, pin_cpus), env, workdir / f"{run_id}.server.log")
+    proc = Proc(t.name, pin(0, cmd, pin_cpus), env, workdir / f"{run_id}.server.log", cwd=t.cwd)
     with running(proc):
         wait_port(port, proc)
         token = ""
@@ -730,7 +751,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"load generator on CPU 1 ({'pinned' if result['pinned'] else 'NOT pinned'}); "
         f"1-minute load average {m.get('loadavg_1m_at_start')} at start, {m.get('loadavg_1m_at_end')} at end "
         "(the machine is shared: other work adds noise).",
-        "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
+        "Versions: "
+        + ", ".join(f"{k} {val}" for k, val in v.items())
+        + (f"; fleetpush core at {result['fleetpush_commit']}" if result.get("fleetpush_commit") else "")
+        + ".",
         "Ratios are fleetpush ÷ peer: above 1 is better for rates, below 1 is better for latency and RSS.\n",
         tables(result),
         *targets_check(result),
@@ -750,6 +774,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale", type=float, default=1.0, help="multiply every phase duration")
     p.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     p.add_argument("--out", default=str(RESULTS), help="directory for latest.json / latest.md")
+    p.add_argument("--core-ref", default="", help="measure fleetpush's core/ at this git ref (default: work tree)")
     p.add_argument("--no-ceiling", action="store_true", help="skip the load generator ceiling run")
     p.add_argument("--keep-logs", action="store_true", help="keep server and loadgen logs (path printed)")
     return p.parse_args(argv)
@@ -800,7 +825,26 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         build_c(LOADGEN_SRC, LOADGEN)
-        tgs, result["skipped"] = targets(selected)
+        core_dir = None
+        if args.core_ref and "fleetpush" in selected:
+            core_dir, result["fleetpush_commit"] = core_snapshot(args.core_ref, workdir / "core-snapshot")
+            log(f"fleetpush measured at {args.core_ref} = {result['fleetpush_commit'][:12]}")
+        else:
+            with contextlib.suppress(Exception):
+                head = subprocess.run(
+                    ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=30
+                )
+                dirty = subprocess.run(
+                    ["git", "status", "--porcelain", "--", "core", "config.yaml"],
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+                result["fleetpush_commit"] = head.stdout.strip() + (
+                    " + work-tree changes" if dirty.stdout.strip() else ""
+                )
+        tgs, result["skipped"] = targets(selected, core_dir)
         for name, why in result["skipped"].items():
             log(f"skipping {name}: {why}")
         result["servers"] = [t.name for t in tgs]
