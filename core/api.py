@@ -127,12 +127,10 @@ async def create_device(c: Call) -> tuple[int, Any]:
         raise ServiceError(400, "invalid values", errors=[{"field": "type", "msg": f"unknown type {a.type!r}"}])
     secret = new_secret()
     created = await c.deps.store.create_device(a.sn, a.type, a.name or a.sn, secret, utc(c.deps.clock.time()))
-    if not created:
-        existing = await c.deps.store.get_device(a.sn)
-        if existing is not None and existing.get("secret"):
-            raise ServiceError(409, f"device {a.sn} is already provisioned; rotate its secret instead")
-        # Registered through the fleet secret earlier: provisioning now issues its own secret.
-        await c.deps.store.set_device_secret(a.sn, secret)
+    # Registered through the fleet secret earlier: provisioning now issues its own secret (and sets the
+    # type and name given); a device that already has a secret is a conflict.
+    if not created and not await c.deps.store.adopt_device(a.sn, a.type, a.name or a.sn, secret):
+        raise ServiceError(409, f"device {a.sn} is already provisioned; rotate its secret instead")
     await c.deps.audit.record(c.actor, "device.provisioned", a.sn, "ok", {"type": a.type})
     return 201, {"sn": a.sn, "type": a.type, "secret": secret}
 

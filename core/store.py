@@ -254,6 +254,20 @@ class Store:
         )
         return bool(res.matched_count)
 
+    async def adopt_device(self, sn: str, type_: str, name: str, secret: str) -> bool:
+        """Provision a device that registered through the fleet secret; False unless it had no secret.
+
+        One atomic update, so of two concurrent provisionings only one wins and its secret is the one kept.
+        """
+        res = await self._call(
+            "adopt_device",
+            lambda: self.devices.update_one(
+                {"sn": sn, "secret": {"$in": [None, ""]}},
+                {"$set": {"secret": secret, "type": type_, "name": name}},
+            ),
+        )
+        return bool(res.matched_count)
+
     async def list_devices(self, type_: str | None = None, online: bool | None = None) -> list[Doc]:
         """Devices matching the filters, by sn, without secrets."""
         query: Doc = {}
@@ -269,7 +283,9 @@ class Store:
 
     async def mark_online(self, sn: str, type_: str, node: str, now: datetime, firmware: str | None) -> None:
         """Set a device online on this node."""
-        fields: Doc = {"online": True, "node": node, "connected_at": now, "last_seen": now, "type": type_}
+        fields: Doc = {
+            "online": True, "node": node, "connected_at": now, "last_seen": now, "type": type_, "offline_reason": None,
+        }
         if firmware:
             fields["firmware"] = firmware
         await self._call("mark_online", lambda: self.devices.update_one({"sn": sn}, {"$set": fields}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -211,11 +212,16 @@ async def test_provisioning_a_fleet_registered_device_issues_its_own_secret(
     core: Core, roles: dict[str, httpx.AsyncClient]
 ) -> None:
     await (await online(core, "R-9")).close()
-    r = await roles["admin"].post("/api/v1/devices", json={"sn": "R-9", "type": "retail"})
-    assert r.status_code == 201
+    body = {"sn": "R-9", "type": "dance_robot", "name": "Nine"}
+    racing = await asyncio.gather(*(roles["admin"].post("/api/v1/devices", json=body) for _ in range(5)))
+    assert sorted(r.status_code for r in racing) == [201, 409, 409, 409, 409]
+    (winner,) = [r for r in racing if r.status_code == 201]
+    got = (await roles["admin"].get("/api/v1/devices/R-9")).json()
+    assert got["type"] == "dance_robot" and got["name"] == "Nine"
     _c, reply = await device_login(core, "R-9", FLEET_SECRET)
     assert reply["code"] == 401
-    await online(core, "R-9", r.json()["secret"])
+    dev = await online(core, "R-9", winner.json()["secret"])
+    assert (await dev.request("/api/device/status", {"battery": 1}))["code"] == 0
 
 
 async def test_api_keys_work_as_bearer_with_their_role(core_factory: Factory) -> None:

@@ -184,6 +184,11 @@ async def test_presence_online_closed_and_replaced(core: Core) -> None:
     assert off["values"]["reason"] == "closed"
     listed = (await ops.request("/admin/device/list", {}))["values"]["devices"]
     assert listed[0]["online"] is False and listed[0]["offline_reason"] == "closed"
+    back = await login(core, "R-1")
+    await ops.push("device_online")
+    listed = (await ops.request("/admin/device/list", {}))["values"]["devices"]
+    assert listed[0]["online"] is True and listed[0]["offline_reason"] is None
+    await back.close()
 
 
 async def test_heartbeat_timeout_closes_4408_and_reports_offline(core_factory: Factory) -> None:

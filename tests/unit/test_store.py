@@ -199,3 +199,19 @@ async def test_audit_newest_first_with_filters(store: Store) -> None:
     assert [e["actor"] for e in await store.list_audit(None, None, "a.x")] == ["bob", "ann"]
     assert [e["actor"] for e in await store.list_audit(T0 + timedelta(seconds=1), None, None)] == ["ann", "bob"]
     assert len(await store.list_audit(None, None, None, limit=2)) == 2
+
+
+async def test_adopting_a_fleet_registered_device_happens_once(store: Store) -> None:
+    await store.create_device("R-1", "retail", "R-1", None, T0)
+    await store.create_device("R-2", "retail", "R-2", "own", T0)
+    assert await store.adopt_device("R-1", "dance_dog", "Rex", "s1")
+    assert not await store.adopt_device("R-1", "retail", "x", "s2")
+    assert not await store.adopt_device("R-2", "retail", "x", "s3")
+    assert not await store.adopt_device("R-3", "retail", "x", "s4")
+    r1 = await store.get_device("R-1")
+    assert r1 is not None and (r1["secret"], r1["type"], r1["name"]) == ("s1", "dance_dog", "Rex")
+    await store.mark_online("R-1", "dance_dog", "n", T0, None)
+    await store.mark_offline("R-1", "n", "closed", T0)
+    await store.mark_online("R-1", "dance_dog", "n", T0, None)
+    r1 = await store.get_device("R-1")
+    assert r1 is not None and r1["online"] and r1["offline_reason"] is None
