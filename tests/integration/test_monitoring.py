@@ -11,6 +11,7 @@ import httpx
 from conftest import Core, make_settings
 from fleetkit import ADMIN_PASSWORD, Client
 
+from core.broker import Delivery, LocalDeliver, Target
 from core.clock import ManualClock, iso, utc
 
 Factory = Callable[..., Any]
@@ -242,3 +243,66 @@ async def test_other_nodes_devices_are_left_alone_at_restart(core_factory: Facto
     got = (await api.get("/api/v1/devices/R-1")).json()
     assert got["online"] is True and got["node"] == "node-a"
     await api.aclose()
+
+
+class Bus:
+    """An in-test fabric joining several nodes' brokers, so an operator on one node sees another's pushes."""
+
+    def __init__(self) -> None:
+        self.nodes: list[_BusBroker] = []
+
+    def broker(self) -> _BusBroker:
+        """A broker for one more node."""
+        return _BusBroker(self)
+
+
+class _BusBroker:
+    degraded = False
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.deliver: LocalDeliver | None = None
+
+    def bind(self, deliver: LocalDeliver) -> None:
+        self.deliver = deliver
+
+    async def start(self) -> None:
+        self.bus.nodes.append(self)
+
+    async def stop(self) -> None:
+        self.bus.nodes.remove(self)
+
+    async def publish(self, target: Target, service: str, frame: bytes) -> Delivery:
+        total = Delivery()
+        for node in list(self.bus.nodes):
+            if node.deliver is not None:
+                total.add(node.deliver(target, service, frame))
+        return total
+
+
+async def test_shutdown_push_reaches_operators_on_another_node(core_factory: Factory) -> None:
+    bus = Bus()
+    first = await core_factory(make_settings(server={"node_id": "node-a"}), broker=bus.broker())
+    watcher = await core_factory(make_settings(server={"node_id": "node-w"}), broker=bus.broker(),
+                                 store=first.app.deps.store.share())
+    ops = await watcher.ops()
+    await ops.request("/admin/device/subscribe", {"sns": ["R-1"]})
+    await login(first, "R-1")
+    assert (await ops.push("device_online"))["values"]["sn"] == "R-1"
+    await first.app.stop()
+    off = await ops.push("device_offline")
+    assert off["values"]["sn"] == "R-1" and off["values"]["reason"] == "shutdown"
+
+
+async def test_restart_push_reaches_operators_on_another_node(core_factory: Factory) -> None:
+    bus = Bus()
+    crashed = await core_factory(make_settings(server={"node_id": "node-a"}), broker=_BusBroker(Bus()))
+    await login(crashed, "R-1")  # node-a "crashes": its broker is not on the bus, its devices stay online
+    watcher = await core_factory(make_settings(server={"node_id": "node-w"}), broker=bus.broker(),
+                                 store=crashed.app.deps.store.share())
+    ops = await watcher.ops()
+    await ops.request("/admin/device/subscribe", {})
+    await core_factory(make_settings(server={"node_id": "node-a"}), broker=bus.broker(),
+                       store=crashed.app.deps.store.share())
+    off = await ops.push("device_offline")
+    assert off["values"] == {"sn": "R-1", "type": "retail", "ts": off["values"]["ts"], "reason": "restart"}
