@@ -392,3 +392,53 @@ def test_notebook_executes(path: Path, core: CoreProcess, fleet_data: dict[str, 
     mongo = [c for c in nb.cells if "mongodb" in c.metadata.get("tags", [])]
     assert mongo, f"{path.name}: no MongoDB query cell"
     assert "MONGO_URL not set" in "".join(o.get("text", "") for c in mongo for o in c.get("outputs", []))
+
+
+STAGES = {"$match", "$group", "$project", "$sort", "$setWindowFields", "$addFields", "$limit"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOK_FILES, ids=[p.stem for p in NOTEBOOK_FILES])
+def test_mongodb_cell_builds_its_pipeline(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a MongoDB URL set, the production cell runs one aggregation over a store collection.
+
+    No MongoDB runs here, so a stub client records the pipeline: this checks the cell's Python, the
+    collection it reads and the shape of its stages, not MongoDB's evaluation of them.
+    """
+    import pandas as pd
+    import pymongo
+
+    calls: list[tuple[str, str, list[dict[str, Any]]]] = []
+
+    class Collection:
+        def __init__(self, db: str, name: str) -> None:
+            self.db, self.name = db, name
+
+        def aggregate(self, pipeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            calls.append((self.db, self.name, pipeline))
+            return [{"stub": 1}]
+
+    class StubClient:
+        def __init__(self, url: str, **kwargs: Any) -> None:
+            assert url == "mongodb://stub.invalid:27017" and kwargs.get("tz_aware") is True
+
+        def __getitem__(self, db: str) -> Any:
+            return type("Db", (), {"__getitem__": lambda _self, name: Collection(db, name)})()
+
+    monkeypatch.setattr(pymongo, "MongoClient", StubClient)
+    monkeypatch.syspath_prepend(str(NOTEBOOKS))
+    import fleetdata
+
+    shown: list[Any] = []
+    namespace: dict[str, Any] = {
+        "MONGO_URL": "mongodb://stub.invalid:27017", "MONGO_DB": "fleetpush", "fd": fleetdata, "pd": pd,
+        "window": fleetdata.Window(hours=1), "bucket": pd.Timedelta("1min"), "display": shown.append,
+    }
+    nb = nbformat.read(path, as_version=4)
+    (cell,) = [c for c in nb.cells if "mongodb" in c.metadata.get("tags", [])]
+    exec(compile(cell.source, f"{path.name}:mongodb", "exec"), namespace)
+    assert len(calls) == 1 and shown, "the cell ran no aggregation or displayed nothing"
+    db, collection, pipeline = calls[0]
+    assert db == "fleetpush" and collection in {"status", "commands"}
+    assert pipeline and next(iter(pipeline[0])) == "$match"
+    for stage in pipeline:
+        assert len(stage) == 1 and next(iter(stage)) in STAGES, stage
