@@ -23,6 +23,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 __all__ = [
     "COMMAND_STATES",
     "FAULT_FIELDS",
+    "NoData",
     "Window",
     "command_frame",
     "connect",
@@ -34,6 +35,7 @@ __all__ = [
     "load_history",
     "online_ratio",
     "percentiles",
+    "require_rows",
     "robust_z",
     "setup_plotly",
     "time_bucket",
@@ -90,6 +92,19 @@ class Window:
 def _parse_time(text: str) -> datetime:
     moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+class NoData(LookupError):
+    """The window holds nothing to analyse."""
+
+
+def require_rows(frame: pd.DataFrame, what: str, window: Window) -> None:
+    """Stop the notebook with a clear message when ``frame`` is empty, rather than fail in a figure."""
+    if frame.empty:
+        raise NoData(
+            f"no {what} between {window.since:%Y-%m-%d %H:%M:%S} and {window.until:%Y-%m-%d %H:%M:%S} UTC: "
+            "widen WINDOW_HOURS or set SINCE/UNTIL, and check that robots report to this core"
+        )
 
 
 def load_devices(client: FleetClient) -> pd.DataFrame:
@@ -174,10 +189,10 @@ def human(span: pd.Timedelta | float) -> str:
     """A duration for prose: ``2 s``, ``5 min``, ``1.5 h``."""
     seconds = span.total_seconds() if isinstance(span, pd.Timedelta) else float(span)
     if seconds < 120:
-        return f"{seconds:g} s"
+        return f"{round(seconds, 1):g} s"
     if seconds < 7200:
-        return f"{seconds / 60:g} min"
-    return f"{seconds / 3600:g} h"
+        return f"{round(seconds / 60, 1):g} min"
+    return f"{round(seconds / 3600, 1):g} h"
 
 
 def percentiles(values: pd.Series, qs: Iterable[float] = (0.5, 0.95, 0.99)) -> dict[str, float]:
