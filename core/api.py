@@ -309,8 +309,32 @@ class JsonHandler(tornado.web.RequestHandler):
         log.error("HTTP handler error on %s %s", self.request.method, self.request.path, exc_info=(typ, value, tb))
 
 
+# Bodies over api.max_body_bytes are still read (and dropped) up to this many times the limit, so the
+# client gets the 413 reply: refusing to read would reset the connection under the reply (bare 400).
+_DRAIN_FACTOR = 64
+
+
+@tornado.web.stream_request_body
 class ApiHandler(JsonHandler):
     """Dispatches every /api/v1 route of the table."""
+
+    def prepare(self) -> None:
+        """Before the body arrives: take over the body size limit from the HTTP server."""
+        limit = self.deps.settings.api.max_body_bytes
+        self._limit = limit
+        self._chunks: list[bytes] = []
+        self._size = 0
+        conn: Any = self.request.connection
+        if conn is not None and hasattr(conn, "set_max_body_size"):
+            conn.set_max_body_size(limit * _DRAIN_FACTOR)
+
+    def data_received(self, chunk: bytes) -> None:
+        """Keep the body while it is within the limit; past it, only count."""
+        self._size += len(chunk)
+        if self._size <= self._limit:
+            self._chunks.append(chunk)
+        else:
+            self._chunks.clear()
 
     async def _run(self, method: str, **path: str) -> None:
         route = self.routes.get(method)
@@ -320,8 +344,7 @@ class ApiHandler(JsonHandler):
         d = self.deps
         status = 500
         try:
-            length = int(self.request.headers.get("Content-Length") or len(self.request.body or b""))
-            if length > d.settings.api.max_body_bytes:
+            if self._size > d.settings.api.max_body_bytes:
                 raise ServiceError(413, f"body larger than {d.settings.api.max_body_bytes} bytes")
             who = await self._authenticate(route)
             body = self._parse_body(route)
@@ -370,7 +393,7 @@ class ApiHandler(JsonHandler):
     def _parse_body(self, route: Route) -> Any:
         if route.body is None:
             return None
-        raw = self.request.body or b"{}"
+        raw = b"".join(self._chunks) or b"{}"
         try:
             data = json.loads(raw, parse_constant=_no_constant)
         except (ValueError, RecursionError):

@@ -134,10 +134,14 @@ def test_fuzz_every_operation_finds_no_server_error(threaded_core: Core) -> None
         @given(case=strategy)
         def hit(case: Any) -> None:
             response = case.call(base_url=base, headers=headers, timeout=10, session=session)
-            assert response.status_code < 500, (case.as_curl_command(), response.status_code, response.text[:300])
+            what = (case.method, case.formatted_path, response.status_code, response.text[:200], case.as_curl_command())
+            assert response.status_code < 500, what
             if response.status_code >= 400:
-                body = response.json()
-                assert body["code"] == response.status_code and isinstance(body["msg"], str)
+                try:
+                    body = response.json()
+                except ValueError:
+                    raise AssertionError(("error reply is not JSON", *what)) from None
+                assert body["code"] == response.status_code and isinstance(body["msg"], str), what
 
         hit()
         tried.append(operation.label)
