@@ -18,7 +18,7 @@ from .api import api_routes
 from .audit import Audit
 from .auth import Authenticator
 from .broker import Broker, LocalBroker
-from .clock import Clock, SystemClock
+from .clock import Clock, SystemClock, utc
 from .commands import CommandOutbox
 from .config import Settings
 from .context import Deps
@@ -113,6 +113,8 @@ class FleetApp:
         self._tasks.append(asyncio.create_task(self._store_init()))
         self._tasks.append(asyncio.create_task(self._every(s.heartbeat.sweep_interval_s, self._sweep)))
         self._tasks.append(asyncio.create_task(self._every(s.commands.sweep_interval_s, self._command_sweep)))
+        if self.deps.store.embedded:
+            self._tasks.append(asyncio.create_task(self._every(60.0, self._purge)))
         await self.deps.push.broker.start()
         if self.deps.store.embedded:
             log.warning("store: embedded in-memory engine; every device, status and command is lost at exit")
@@ -126,6 +128,7 @@ class FleetApp:
             try:
                 await self.deps.store.ensure_indexes()
                 self.generated_admin_password = await self.deps.auth.ensure_admin()
+                await self.deps.auth.ensure_users()
                 restarted = await self.deps.monitor.recover()
                 if restarted:
                     log.info("presence: %d devices left online by this node's last run set offline", restarted)
@@ -146,6 +149,10 @@ class FleetApp:
 
     async def _sweep(self) -> None:
         self.gateway.sweep()
+
+    async def _purge(self) -> None:
+        if self.store_ready.is_set():
+            await self.deps.store.purge_expired(utc(self.deps.clock.time()))
 
     async def _command_sweep(self) -> None:
         if self.store_ready.is_set():

@@ -156,6 +156,14 @@ class Authenticator:
         created = await self.store.create_user("admin", await self.hash_password(password), "admin", self._now())
         return generated if created else None
 
+    async def ensure_users(self) -> int:
+        """Create the ops users listed in auth.users that do not exist yet; returns how many."""
+        made = 0
+        for u in self.settings.auth.users:
+            if await self.store.get_user(u.username) is None and await self.create_user(u.username, u.password, u.role):
+                made += 1
+        return made
+
     async def create_user(self, username: str, password: str, role: str) -> bool:
         """Add an ops user; False when the name is taken."""
         if role not in ROLES:

@@ -33,9 +33,16 @@ class ServerSettings(Section):
     shutdown_grace_s: float = Field(3.0, ge=0, le=30)
 
 
+class OpsUser(Section):
+    username: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=8, max_length=1024)
+    role: Role = "viewer"
+
+
 class AuthSettings(Section):
     device_secret: str = ""
     admin_password: str = ""
+    users: list[OpsUser] = []
     token_window_s: int = Field(300, ge=1)
     login_timeout_s: float = Field(10, gt=0)
     session_ttl_s: int = Field(43200, ge=1)

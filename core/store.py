@@ -52,6 +52,37 @@ def check_storable(doc: Mapping[str, Any], field: str = "values") -> None:
         raise Unstorable(field, str(exc)) from None
 
 
+_fast_ids_installed = False
+
+
+def _install_id_fast_path() -> None:
+    # mongomock answers every query by scanning and matching every document of the collection,
+    # so looking a device up among 10k cost ~10k Python-level matches. Queries on a plain `_id`
+    # (how devices, commands and users are keyed here) go straight to its dict instead; every
+    # other query keeps mongomock's own path. MongoDB itself serves these from the _id index.
+    global _fast_ids_installed
+    if _fast_ids_installed:
+        return
+    from mongomock import filtering
+    from mongomock.collection import Collection
+
+    filter_applies: Any = filtering.filter_applies
+    original: Any = Collection._iter_documents
+
+    def iter_documents(self: Any, filter: Any) -> Any:
+        if isinstance(filter, dict) and "_id" in filter:
+            key = filter["_id"]
+            if isinstance(key, str):
+                store = self._store
+                doc = store._documents.get(key) if not store._ttl_indexes else None
+                if doc is not None or not store._ttl_indexes:
+                    return iter([doc] if doc is not None and filter_applies(filter, doc) else [])
+        return original(self, filter)
+
+    Collection._iter_documents = iter_documents  # type: ignore[method-assign]
+    _fast_ids_installed = True
+
+
 class Store:
     """Async access to fleetpush's collections on MongoDB or the embedded engine."""
 
@@ -64,6 +95,7 @@ class Store:
             from mongomock_motor import AsyncMongoMockClient
 
             self._client = AsyncMongoMockClient(tz_aware=True)
+            _install_id_fast_path()
         else:
             from pymongo import AsyncMongoClient
 
@@ -158,13 +190,9 @@ class Store:
                 except OperationFailure as exc:
                     if exc.code != 48:  # 48: NamespaceExists
                         raise
-            await self.devices.create_index("sn", unique=True)
             await self.devices.create_index([("type", ASCENDING), ("online", ASCENDING)])
             await self.devices.create_index("node")
             await self.status.create_index([("sn", ASCENDING), ("ts", DESCENDING)])
-            if self.embedded:
-                await self.status.create_index("ts", expireAfterSeconds=retention)
-            await self.commands.create_index("command_id", unique=True)
             await self.commands.create_index([("sn", ASCENDING), ("state", ASCENDING), ("created_at", ASCENDING)])
             await self.commands.create_index([("state", ASCENDING), ("next_attempt_at", ASCENDING)])
             await self.commands.create_index(
@@ -172,14 +200,32 @@ class Store:
                 unique=True,
                 partialFilterExpression={"idempotency_key": {"$type": "string"}},
             )
-            await self.users.create_index("username", unique=True)
-            await self.sessions.create_index("expires_at", expireAfterSeconds=0)
-            await self.replay.create_index("expires_at", expireAfterSeconds=0)
+            if not self.embedded:
+                await self.sessions.create_index("expires_at", expireAfterSeconds=0)
+                await self.replay.create_index("expires_at", expireAfterSeconds=0)
             await self.audit_log.create_index([("ts", DESCENDING)])
             await self.audit_log.create_index([("actor", ASCENDING), ("ts", DESCENDING)])
 
         await self._call("ensure_indexes", create)
         self.indexes_ready = True
+
+    async def purge_expired(self, now: datetime) -> int:
+        """Embedded engine only: apply retention and expiry that MongoDB's TTL indexes do by themselves."""
+        if not self.embedded:
+            return 0
+        cutoff = now - timedelta(days=self.settings.status_retention_days)
+        removed = 0
+        for coll, flt in (
+            (self.status, {"ts": {"$lt": cutoff}}),
+            (self.sessions, {"expires_at": {"$lt": now}}),
+            (self.replay, {"expires_at": {"$lt": now}}),
+        ):
+            removed += await self._delete_many(coll, flt)
+        return removed
+
+    async def _delete_many(self, coll: Any, flt: Doc) -> int:
+        res = await self._call("purge", lambda: coll.delete_many(flt))
+        return int(res.deleted_count)
 
     async def close(self) -> None:
         """Close the driver's connections."""
@@ -191,11 +237,11 @@ class Store:
 
     async def get_user(self, username: str) -> Doc | None:
         """The user document, or None."""
-        return _aware(await self._call("get_user", lambda: self.users.find_one({"username": username})))
+        return _aware(await self._call("get_user", lambda: self.users.find_one({"_id": username})))
 
     async def create_user(self, username: str, password_hash: str, role: str, now: datetime) -> bool:
         """Insert a user; False when the username exists."""
-        doc = {"username": username, "password_hash": password_hash, "role": role, "created_at": now}
+        doc = {"_id": username, "username": username, "password_hash": password_hash, "role": role, "created_at": now}
         try:
             await self._call("create_user", lambda: self.users.insert_one(doc))
             return True
@@ -206,7 +252,7 @@ class Store:
         """Replace a user's password hash (rehash on login when parameters change)."""
         await self._call(
             "set_password",
-            lambda: self.users.update_one({"username": username}, {"$set": {"password_hash": password_hash}}),
+            lambda: self.users.update_one({"_id": username}, {"$set": {"password_hash": password_hash}}),
         )
 
     async def create_session(self, token_hash: str, username: str, role: str, expires_at: datetime) -> None:
@@ -233,12 +279,12 @@ class Store:
 
     async def get_device(self, sn: str) -> Doc | None:
         """The device document (secret included: callers must not expose it), or None."""
-        return _aware(await self._call("get_device", lambda: self.devices.find_one({"sn": sn}, {"_id": 0})))
+        return _aware(await self._call("get_device", lambda: self.devices.find_one({"_id": sn}, {"_id": 0})))
 
     async def create_device(self, sn: str, type_: str, name: str, secret: str | None, now: datetime) -> bool:
         """Insert a device; False when the sn exists."""
         doc: Doc = {
-            "sn": sn, "type": type_, "name": name, "secret": secret, "online": False,
+            "_id": sn, "sn": sn, "type": type_, "name": name, "secret": secret, "online": False,
             "last_seen": None, "connected_at": None, "node": None, "status": {}, "created_at": now,
         }
         try:
@@ -250,7 +296,7 @@ class Store:
     async def set_device_secret(self, sn: str, secret: str) -> bool:
         """Replace a device's secret; False when the device is unknown."""
         res = await self._call(
-            "set_device_secret", lambda: self.devices.update_one({"sn": sn}, {"$set": {"secret": secret}})
+            "set_device_secret", lambda: self.devices.update_one({"_id": sn}, {"$set": {"secret": secret}})
         )
         return bool(res.matched_count)
 
@@ -288,14 +334,14 @@ class Store:
         }
         if firmware:
             fields["firmware"] = firmware
-        await self._call("mark_online", lambda: self.devices.update_one({"sn": sn}, {"$set": fields}))
+        await self._call("mark_online", lambda: self.devices.update_one({"_id": sn}, {"$set": fields}))
 
     async def mark_offline(self, sn: str, node: str, reason: str, now: datetime) -> bool:
         """Set a device offline, only if this node still holds it; True when it changed."""
         res = await self._call(
             "mark_offline",
             lambda: self.devices.update_one(
-                {"sn": sn, "node": node, "online": True},
+                {"_id": sn, "node": node, "online": True},
                 {"$set": {"online": False, "offline_reason": reason, "last_seen": now}},
             ),
         )
@@ -333,7 +379,7 @@ class Store:
         ops = []
         for sn, s in latest.items():
             status = {k: v for k, v in s.items() if k not in ("sn", "type", "_id")}
-            ops.append(({"sn": sn}, {"$set": {"status": status, "last_seen": s["ts"]}}))
+            ops.append(({"_id": sn}, {"$set": {"status": status, "last_seen": s["ts"]}}))
         if self.embedded:
             # mongomock's bulk_write does not accept current pymongo operation objects.
             for flt, upd in ops:
@@ -346,7 +392,7 @@ class Store:
 
     async def touch(self, sn: str, now: datetime) -> None:
         """Move a device's last_seen forward."""
-        await self._call("touch", lambda: self.devices.update_one({"sn": sn}, {"$set": {"last_seen": now}}))
+        await self._call("touch", lambda: self.devices.update_one({"_id": sn}, {"$set": {"last_seen": now}}))
 
     async def history(
         self, sn: str, since: datetime | None, until: datetime | None, limit: int
@@ -372,7 +418,7 @@ class Store:
         """Store a new command; on a duplicate command_id or idempotency key, return the existing one."""
         check_storable(doc, "args")
         try:
-            await self._call("insert_command", lambda: self.commands.insert_one(dict(doc)))
+            await self._call("insert_command", lambda: self.commands.insert_one({"_id": doc["command_id"], **doc}))
             return None
         except DuplicateKeyError:
             existing = await self.get_command(doc["command_id"])
@@ -383,7 +429,7 @@ class Store:
     async def get_command(self, command_id: str) -> Doc | None:
         """One command, or None."""
         return _aware(
-            await self._call("get_command", lambda: self.commands.find_one({"command_id": command_id}, {"_id": 0}))
+            await self._call("get_command", lambda: self.commands.find_one({"_id": command_id}, {"_id": 0}))
         )
 
     async def find_idempotent(self, sn: str, key: str) -> Doc | None:
@@ -418,7 +464,7 @@ class Store:
             await self._call(
                 "transition",
                 lambda: self.commands.find_one_and_update(
-                    {"command_id": command_id, "state": {"$in": list(from_states)}},
+                    {"_id": command_id, "state": {"$in": list(from_states)}},
                     update,
                     projection={"_id": 0},
                     return_document=ReturnDocument.BEFORE,
