@@ -309,9 +309,10 @@ class JsonHandler(tornado.web.RequestHandler):
         log.error("HTTP handler error on %s %s", self.request.method, self.request.path, exc_info=(typ, value, tb))
 
 
-# Bodies over api.max_body_bytes are still read (and dropped) up to this many times the limit, so the
-# client gets the 413 reply: refusing to read would reset the connection under the reply (bare 400).
+# Bodies over api.max_body_bytes are still read (and dropped), up to the larger of 64 x the limit and
+# 64 MiB, so the client gets the 413 reply: refusing to read resets the connection under it (bare 400).
 _DRAIN_FACTOR = 64
+_DRAIN_FLOOR = 64 * 1024 * 1024
 
 
 @tornado.web.stream_request_body
@@ -326,7 +327,7 @@ class ApiHandler(JsonHandler):
         self._size = 0
         conn: Any = self.request.connection
         if conn is not None and hasattr(conn, "set_max_body_size"):
-            conn.set_max_body_size(limit * _DRAIN_FACTOR)
+            conn.set_max_body_size(max(limit * _DRAIN_FACTOR, _DRAIN_FLOOR))
 
     def data_received(self, chunk: bytes) -> None:
         """Keep the body while it is within the limit; past it, only count."""

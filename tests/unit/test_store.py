@@ -215,3 +215,14 @@ async def test_adopting_a_fleet_registered_device_happens_once(store: Store) -> 
     await store.mark_online("R-1", "dance_dog", "n", T0, None)
     r1 = await store.get_device("R-1")
     assert r1 is not None and r1["online"] and r1["offline_reason"] is None
+
+
+async def test_indexes_can_be_ensured_again_over_existing_data(store: Store) -> None:
+    # A restarted app on the same database runs ensure_indexes again over commands with and without keys.
+    await store.insert_command(command("c-1"))
+    await store.insert_command(command("c-2"))
+    await store.insert_command(command("c-3", idempotency_key="k"))
+    again = Store(store.settings, client=store._client)
+    await again.ensure_indexes()
+    assert again.indexes_ready
+    assert await again.insert_command(command("c-4", idempotency_key="k")) is not None
