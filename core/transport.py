@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
 import struct
 from typing import Any
@@ -40,6 +41,30 @@ def _valid_close_code(code: int) -> bool:
 
 class _Protocol(WebSocketProtocol13):
     """Tornado's RFC 6455 protocol, answering invalid UTF-8 with 1007 and bad close frames with 1002."""
+
+    _utf8: codecs.IncrementalDecoder | None = None
+    _utf8_seen = 0
+
+    async def _receive_frame(self) -> None:
+        await super()._receive_frame()
+        # A fragmented text message is checked frame by frame, so invalid UTF-8 fails the
+        # connection as soon as its frame arrives (RFC 6455 §8.1, Autobahn 6.4.x) rather than
+        # after the peer has sent (and we have buffered) the rest of the message.
+        buf = self._fragmented_message_buffer
+        if buf is None or getattr(self, "_fragmented_message_opcode", None) != 0x1:
+            self._utf8 = None
+            return
+        if self._utf8 is None:
+            self._utf8 = codecs.getincrementaldecoder("utf-8")()
+            self._utf8_seen = 0
+        try:
+            self._utf8.decode(bytes(buf[self._utf8_seen :]), final=False)
+        except UnicodeDecodeError:
+            self._utf8 = None
+            self.close(CLOSE_INVALID_DATA, "invalid UTF-8")
+            self._abort()
+            return
+        self._utf8_seen = len(buf)
 
     def _handle_message(self, opcode: int, data: bytes) -> Any:
         if self.client_terminated:
