@@ -22,11 +22,12 @@ from .clock import Clock, SystemClock, utc
 from .commands import CommandOutbox
 from .config import Settings
 from .context import Deps
-from .errors import CLOSE_GOING_AWAY, StoreUnavailable
+from .errors import CLOSE_GOING_AWAY, CLOSE_REPLACED, StoreUnavailable
 from .hub import Hub
 from .metrics import Metrics
 from .monitor import Monitor
 from .push import Pusher
+from .redis_broker import RedisBroker
 from .registry import ServerRules
 from .services import SERVICE_TABLE
 from .store import Store
@@ -67,8 +68,14 @@ class FleetApp:
         clock = o.clock or SystemClock()
         metrics = o.metrics or Metrics()
         store = o.store or Store(settings.store)
-        broker = o.broker or LocalBroker()
         node_id = settings.server.node_id or f"{socket.gethostname()}:{settings.server.port}"
+        broker: Broker
+        if o.broker is not None:
+            broker = o.broker
+        elif settings.broker.redis_url:
+            broker = RedisBroker(settings.broker, node_id, metrics)
+        else:
+            broker = LocalBroker()
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fleetpush-cpu")
         hub = Hub()
         push = Pusher(hub, broker, metrics, clock.monotonic)
@@ -79,6 +86,8 @@ class FleetApp:
         for kind in ("device", "ops", "anon"):
             metrics.connections.labels(kind).set_function(_counter(hub, kind))
         self.deps = Deps(settings, clock, store, hub, push, auth, monitor, commands, audit, metrics, node_id)
+        if isinstance(broker, RedisBroker):
+            broker.bind_control(self._on_control, self._on_node_lost, self._on_reconnect)
         self.rules = ServerRules(SERVICE_TABLE, self.deps)
         self.gateway = Gateway(self.deps, self.rules)
         self.application = tornado.web.Application(
@@ -149,6 +158,29 @@ class FleetApp:
 
     async def _sweep(self) -> None:
         self.gateway.sweep()
+
+    async def _on_control(self, kind: str, data: dict[str, Any]) -> None:
+        # Another node's message: a device that logged in there is evicted here (4409).
+        if kind == "evict":
+            conn = self.deps.hub.device(str(data.get("sn")))
+            if conn is not None and conn.id != data.get("conn"):
+                conn.close(CLOSE_REPLACED, "replaced by a newer login on another node")
+
+    async def _on_node_lost(self, node: str) -> None:
+        try:
+            released = await self.deps.monitor.release_node(node, "node_lost")
+            log.warning("node %s lost: %d devices set offline", node, released)
+        except StoreUnavailable:
+            log.warning("node %s lost, but the store is unavailable; its devices stay marked online", node)
+
+    async def _on_reconnect(self) -> None:
+        # While Redis was away, commands for devices held here may have been issued elsewhere.
+        for conn in self.deps.hub:
+            if conn.kind == "device" and conn.sn and self.deps.hub.device(conn.sn) is conn:
+                try:
+                    await self.deps.commands.redeliver(conn.sn)
+                except StoreUnavailable:
+                    return
 
     async def _purge(self) -> None:
         if self.store_ready.is_set():

@@ -57,8 +57,12 @@ class Broker(Protocol):
         """Set the function that delivers to this node's connections."""
         ...
 
-    async def publish(self, target: Target, service: str, frame: bytes) -> Delivery:
-        """Deliver to every node's matching connections; returns what is known of the result."""
+    async def publish(self, target: Target, service: str, frame: bytes, counts: bool = True) -> Delivery:
+        """Deliver to every node's matching connections; with `counts`, wait for every node's tally."""
+        ...
+
+    async def send_control(self, kind: str, data: dict[str, Any]) -> bool:
+        """Tell every other node something; False when it could not be sent."""
         ...
 
     async def start(self) -> None:
@@ -82,11 +86,15 @@ class LocalBroker:
         """Set the local delivery function."""
         self._deliver = deliver
 
-    async def publish(self, target: Target, service: str, frame: bytes) -> Delivery:
+    async def publish(self, target: Target, service: str, frame: bytes, counts: bool = True) -> Delivery:
         """Deliver on this node."""
         if self._deliver is None:
             return Delivery()
         return self._deliver(target, service, frame)
+
+    async def send_control(self, kind: str, data: dict[str, Any]) -> bool:
+        """There are no other nodes."""
+        return True
 
     async def start(self) -> None:
         """Nothing to connect."""

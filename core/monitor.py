@@ -88,12 +88,16 @@ class Monitor:
 
     async def recover(self) -> int:
         """At start: devices this node had left online are set offline with reason `restart`."""
+        return await self.release_node(self.node_id, "restart")
+
+    async def release_node(self, node: str, reason: str) -> int:
+        """Every device a node had online goes offline with `reason` (`restart`, `node_lost`); pushed once each."""
         now = utc(self.clock.time())
-        docs = await self.store.mark_node_offline(self.node_id, "restart", now)
+        docs = await self.store.mark_node_offline(node, reason, now)
         for d in docs:
             await self.push.to_subscribers(
                 d["sn"], d.get("type", ""), "device_offline",
-                {"sn": d["sn"], "type": d.get("type"), "ts": iso(now), "reason": "restart"},
+                {"sn": d["sn"], "type": d.get("type"), "ts": iso(now), "reason": reason},
             )
         return len(docs)
 

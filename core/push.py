@@ -57,12 +57,12 @@ class Pusher:
         (self.metrics.push_success.labels(service) if ok else self.metrics.push_failure.labels(service, "closed")).inc()
         return ok
 
-    async def publish(self, target: Target, service: str, values: Any) -> Delivery:
-        """Push to every connection on every node that `target` selects."""
+    async def publish(self, target: Target, service: str, values: Any, counts: bool = True) -> Delivery:
+        """Push to every connection on every node that `target` selects; `counts=False` does not wait for tallies."""
         start = self._mono()
         frame = self.frame(service, values)
         try:
-            return await self.broker.publish(target, service, frame)
+            return await self.broker.publish(target, service, frame, counts)
         finally:
             self.metrics.push_latency.labels(service).observe(max(0.0, self._mono() - start))
 
@@ -84,7 +84,7 @@ class Pusher:
 
     async def to_subscribers(self, sn: str, device_type: str, service: str, values: Any) -> Delivery:
         """Ops connections subscribed to a device."""
-        return await self.publish(Target(kind="ops", subscribers_of=(sn, device_type)), service, values)
+        return await self.publish(Target(kind="ops", subscribers_of=(sn, device_type)), service, values, counts=False)
 
     def by_condition(self, predicate: Callable[[Connection], bool], service: str, values: Any) -> Delivery:
         """Local connections whose session satisfies `predicate` (BroadcastByCondition)."""

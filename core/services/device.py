@@ -25,6 +25,8 @@ async def device_login(ctx: ServerContext, a: DeviceLogin) -> dict[str, Any]:
     if old is not None:
         old.close(CLOSE_REPLACED, "replaced by a newer login")
         await deps.monitor.offline(ident.sn, ident.type, "replaced", force_push=True)
+    # The same device may be held by another node: that node closes its connection with 4409.
+    await deps.push.broker.send_control("evict", {"sn": ident.sn, "conn": conn.id})
     await deps.monitor.online(conn, a.firmware)
     await deps.audit.record(f"device:{ident.sn}", "device.login", ident.sn, "ok",
                             {"remote": conn.remote, "registered": not ident.registered})

@@ -272,7 +272,10 @@ class _BusBroker:
     async def stop(self) -> None:
         self.bus.nodes.remove(self)
 
-    async def publish(self, target: Target, service: str, frame: bytes) -> Delivery:
+    async def send_control(self, kind: str, data: dict[str, object]) -> bool:
+        return True
+
+    async def publish(self, target: Target, service: str, frame: bytes, counts: bool = True) -> Delivery:
         total = Delivery()
         for node in list(self.bus.nodes):
             if node.deliver is not None:
