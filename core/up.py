@@ -11,18 +11,21 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from types import FrameType
 
 from .config import ConfigError, load_settings
 
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 never via an http_proxy
 
-def _wait_http(url: str, deadline: float, proc: subprocess.Popen[bytes]) -> bool:
+
+def _wait_http(url: str, deadline: float, proc: subprocess.Popen[bytes], cancelled: Callable[[], bool]) -> bool:
     # Polls a child's health endpoint: the child is another process, so there is nothing to await.
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not cancelled():
         if proc.poll() is not None:
             return False
         try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
+            with _DIRECT.open(url, timeout=1) as resp:
                 if resp.status == 200:
                     return True
         except (urllib.error.URLError, OSError):
@@ -31,12 +34,14 @@ def _wait_http(url: str, deadline: float, proc: subprocess.Popen[bytes]) -> bool
     return False
 
 
-def _stop(procs: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
+def _stop(procs: list[tuple[str, subprocess.Popen[bytes]]]) -> list[str]:
+    """Stop the children; the names of those that did not exit cleanly (non-zero, or killed)."""
     # Reverse start order: the fleet first, then the dashboard, then the core (which closes with 1001).
     for _, p in reversed(procs):
         if p.poll() is None:
             p.send_signal(signal.SIGINT)
     deadline = time.monotonic() + 8
+    unclean: list[str] = []
     for name, p in reversed(procs):
         try:
             p.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -44,6 +49,9 @@ def _stop(procs: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
             print(f"fleetpush up: {name} did not stop in time; killing pid {p.pid}", file=sys.stderr)
             p.kill()
             p.wait()
+        if p.returncode != 0:
+            unclean.append(f"{name} (exit {p.returncode})")
+    return unclean
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -75,30 +83,43 @@ def run_up(args: argparse.Namespace) -> int:
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     py = sys.executable
+    # Each child gets its own process group: a terminal's Ctrl-C then reaches only this process, and
+    # _stop sends each child exactly one SIGINT. A second SIGINT, arriving while a child is already
+    # shutting down, can land after it has restored the default handler and kill it mid-cleanup.
     try:
-        core = subprocess.Popen([py, "-m", "core", "serve", "--port", str(port), "--host", "127.0.0.1"], env=env)
+        core = subprocess.Popen([py, "-m", "core", "serve", "--port", str(port), "--host", "127.0.0.1"], env=env,
+                                process_group=0)
         procs.append(("core", core))
-        if not _wait_http(f"{core_url}/readyz", time.monotonic() + 30, core):
+        if not _wait_http(f"{core_url}/readyz", time.monotonic() + 30, core, lambda: stopping):
+            if stopping:
+                return 0
             print("fleetpush up: the core did not become ready; see its log above", file=sys.stderr)
             return 1
-        from dashboard.launch import command
+        from dashboard.launch import command, environment
 
-        dash_env = dict(env, FLEETPUSH_CORE_URL=core_url)
+        dash_env = environment(core_url, base=env)
+        dash_env["FLEETPUSH_DASHBOARD_REFRESH_S"] = str(s.dashboard.refresh_s)
         dash = subprocess.Popen(command(core_url, dash_port, s.dashboard.host), env=dash_env,
-                                stdout=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, process_group=0)
         procs.append(("dashboard", dash))
         if devices > 0:
             sim = subprocess.Popen(
                 [py, "-m", "core", "simulate", "--url", f"ws://127.0.0.1:{port}/ws", "--devices", str(devices),
                  "--interval", str(s.simulator.interval_s)],
-                env=env,
+                env=env, process_group=0,
             )
             procs.append(("simulator", sim))
         dash_url = f"http://{s.dashboard.host}:{dash_port}"
-        ready = _wait_http(f"{dash_url}/_stcore/health", time.monotonic() + 60, dash)
+        ready = _wait_http(f"{dash_url}/_stcore/health", time.monotonic() + 60, dash, lambda: stopping)
+        if stopping:
+            return 0
+        if dash.poll() is not None:
+            print(f"fleetpush up: the dashboard exited with {dash.returncode} (is port {dash_port} in use?); "
+                  "see its log above", file=sys.stderr)
+            return 1
         print(
             "\n"
             "  fleetpush is up\n"
@@ -117,7 +138,9 @@ def run_up(args: argparse.Namespace) -> int:
                     break
             if not stopping:
                 time.sleep(0.3)
-        failed = any(p.poll() not in (None, 0) for _, p in procs)
-        return 1 if failed else 0
     finally:
-        _stop(procs)
+        unclean = _stop(procs)
+    if unclean:
+        print(f"fleetpush up: not a clean stop: {', '.join(unclean)}", file=sys.stderr)
+        return 1
+    return 0
