@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 import uuid
 from dataclasses import dataclass, field
@@ -55,6 +56,22 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if len(obj) != len(pairs):
         raise ValueError("duplicate key in object")
     return obj
+
+
+# A \uD800-\uDFFF escape: either half of a surrogate pair or a lone surrogate, which no UTF-8 can carry.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _lone_surrogate(text: str, obj: Any) -> bool:
+    # Only text with a surrogate escape is checked (rare); a proper pair decodes to one
+    # code point and re-encodes fine, a lone half does not.
+    if "\\u" not in text or _SURROGATE_ESCAPE.search(text) is None:
+        return False
+    try:
+        _dumps(obj).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _depth_exceeds(text: str, max_depth: int) -> bool:
@@ -122,6 +139,9 @@ class Decoder:
             obj = self._decoder.decode(text)
         except (ValueError, RecursionError) as exc:
             raise ProtocolError(f"not valid JSON: {exc}") from None
+        if _lone_surrogate(text, obj):
+            # Replying would echo it (service, request_id) and storing it would fail: refuse it here.
+            raise ProtocolError("not valid JSON: a string holds a lone UTF-16 surrogate escape")
         if not isinstance(obj, dict):
             raise ProtocolError("a request must be a JSON object")
         rid = obj.get("request_id")
@@ -146,11 +166,17 @@ class Decoder:
 
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=str).encode
+_dumps_ascii = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False, default=str).encode
 
 
 def encode(obj: dict[str, Any]) -> bytes:
     """Encode one envelope as compact UTF-8 JSON."""
-    return _dumps(obj).encode("utf-8")
+    try:
+        return _dumps(obj).encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate that reached a reply or push some other way: \u-escaped it is the
+        # same JSON and valid UTF-8, where the raw character would fail the whole frame.
+        return _dumps_ascii(obj).encode("ascii")
 
 
 def response(
