@@ -11,7 +11,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .broker import Delivery, LocalDeliver, Target
 from .config import BrokerSettings
@@ -41,8 +45,14 @@ class RedisBroker:
         self._nodes_key = f"{p}:nodes"
         self._alive_prefix = f"{p}:alive:"
         self._reply_prefix = f"{p}:reply:"
+        # A pooled connection from before a Redis restart fails on first use; one quick retry
+        # on a fresh connection turns that into success instead of a spurious drop.
         self._redis = aioredis.Redis.from_url(
-            settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0, retry_on_timeout=False
+            settings.redis_url,
+            socket_timeout=2.0,
+            socket_connect_timeout=2.0,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
         self._deliver: LocalDeliver | None = None
         self._control: ControlHandler | None = None
