@@ -14,7 +14,7 @@ RUN pip install --no-cache-dir . \
     && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin fleetpush \
     && chown -R fleetpush /app
 
-USER fleetpush
+USER 10001
 ENV FLEETPUSH_CONFIG=/app/config.yaml
 EXPOSE 8765
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
