@@ -145,8 +145,10 @@ class FleetApp:
                 return
             except StoreUnavailable:
                 log.warning("store not reachable; retrying in %.1f s", delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+            except Exception:
+                log.exception("store initialisation failed; retrying in %.1f s", delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
     async def _every(self, interval: float, fn: Any) -> None:
         while not self._stopping:

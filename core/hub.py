@@ -95,6 +95,14 @@ class Hub:
         self._devices.add(conn)
         return old
 
+    def unbind_device(self, conn: Connection) -> None:
+        """Undo bind_device for a login that failed half-way: the connection is anonymous again."""
+        if conn.sn is not None and self._by_sn.get(conn.sn) is conn:
+            del self._by_sn[conn.sn]
+        _index_remove(self._by_type, conn.device_type, conn)
+        self._devices.discard(conn)
+        conn.kind, conn.sn, conn.device_type, conn.session_id = "anon", None, None, None
+
     def bind_ops(self, conn: Connection, username: str, role: str) -> None:
         """Mark `conn` as an ops connection of `username` with `role`."""
         _index_remove(self._by_user, conn.username, conn)

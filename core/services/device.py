@@ -19,15 +19,25 @@ async def device_login(ctx: ServerContext, a: DeviceLogin) -> dict[str, Any]:
     deps = ctx.deps
     if a.type not in deps.settings.devices.types:
         raise ServiceError(400, "invalid values", errors=[{"field": "type", "msg": f"unknown type {a.type!r}"}])
-    ident = await deps.auth.login_device(a.sn, a.timestamp, a.token, a.type)
+    try:
+        ident = await deps.auth.login_device(a.sn, a.timestamp, a.token, a.type)
+    except ServiceError as exc:
+        await deps.audit.record(f"device:{a.sn}", "device.login", a.sn, "failed",
+                                {"code": exc.code, "reason": exc.msg, "remote": conn.remote})
+        raise
     old = ctx.hub.bind_device(conn, ident.sn, ident.type)
     conn.session_id = "s-" + uuid.uuid4().hex
-    if old is not None:
-        old.close(CLOSE_REPLACED, "replaced by a newer login")
-        await deps.monitor.offline(ident.sn, ident.type, "replaced", force_push=True)
-    # The same device may be held by another node: that node closes its connection with 4409.
-    await deps.push.broker.send_control("evict", {"sn": ident.sn, "conn": conn.id})
-    await deps.monitor.online(conn, a.firmware)
+    try:
+        if old is not None:
+            old.close(CLOSE_REPLACED, "replaced by a newer login")
+            await deps.monitor.offline(ident.sn, ident.type, "replaced", force_push=True)
+        # The same device may be held by another node: that node closes its connection with 4409.
+        await deps.push.broker.send_control("evict", {"sn": ident.sn, "conn": conn.id})
+        await deps.monitor.online(conn, a.firmware)
+    except BaseException:
+        # A login answered with an error must not leave the connection logged in.
+        ctx.hub.unbind_device(conn)
+        raise
     await deps.audit.record(f"device:{ident.sn}", "device.login", ident.sn, "ok",
                             {"remote": conn.remote, "registered": not ident.registered})
     sn = ident.sn

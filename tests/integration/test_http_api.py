@@ -366,8 +366,6 @@ async def test_audit_trail_records_who_did_what(core_factory: Factory) -> None:
     await olga.aclose()
 
 
-@pytest.mark.xfail(strict=True, reason="core/services/device.py device_login audits only successes: a failed "
-                   "device login (wrong token, replay, clock skew) leaves no audit event")
 async def test_failed_device_login_is_audited(core: Core, roles: dict[str, httpx.AsyncClient]) -> None:
     _c, reply = await device_login(core, "R-1", "wrong-secret")
     assert reply["code"] == 401

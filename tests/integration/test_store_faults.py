@@ -269,9 +269,6 @@ def _overrides(store: Store) -> Any:
     return Overrides(store=store)
 
 
-@pytest.mark.xfail(strict=True, reason="core/services/device.py device_login binds the connection to the device "
-                   "(hub.bind_device) before monitor.online writes presence; when that write fails the reply is 503 "
-                   "but the connection stays logged in as the device")
 async def test_a_login_answered_503_leaves_the_connection_logged_out(core_factory: Callable[..., Any]) -> None:
     core: Core = await core_factory()
     store = core.app.deps.store
@@ -300,8 +297,6 @@ class _GlitchOnce(Store):
         await super().ensure_indexes()
 
 
-@pytest.mark.xfail(strict=True, reason="core/app.py _store_init retries only on StoreUnavailable: any other "
-                   "exception ends the task, so the app never becomes ready and never sweeps commands")
 async def test_an_unexpected_start_up_error_is_retried() -> None:
     settings = make_settings()
     app = make_app(settings, _overrides(_GlitchOnce(settings.store)))
