@@ -15,6 +15,10 @@ from core.clock import SystemClock
 from core.config import Settings, load_settings
 from core.store import Store
 
+# One conftest.py only: test modules import helpers with `from conftest import ...`, and a second
+# conftest.py in a subfolder would shadow this module under the same name.
+pytest_plugins = ["livecore"]
+
 TEST_DEFAULTS: dict[str, dict[str, Any]] = {
     "server": {"host": "127.0.0.1", "port": 0, "node_id": "test-node", "shutdown_grace_s": 2},
     "auth": {

@@ -29,7 +29,7 @@ from core.client import FleetClient
 from dashboard.common import BAD_STYLE, OK_STYLE
 
 if TYPE_CHECKING:  # the fixtures' types; conftest modules are not imported by name
-    from tests.e2e.conftest import LiveCore, SeededFleet
+    from livecore import LiveCore, SeededFleet
 
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
 TIMEOUT = 30

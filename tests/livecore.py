@@ -1,4 +1,4 @@
-"""End-to-end fixtures: a real `fleetpush serve` process and a simulated fleet driving it."""
+"""End-to-end fixtures (loaded by tests/conftest.py): a real `fleetpush serve` process and a simulated fleet."""
 
 from __future__ import annotations
 
