@@ -849,9 +849,11 @@ def main(argv: list[str] | None = None) -> int:
             log(f"skipping {name}: {why}")
         result["servers"] = [t.name for t in tgs]
         result["versions"] = versions()
-        for t in tgs:
-            for n in prof.sizes:
-                for rep in range(prof.repeats):
+        # Servers take turns within each (size, repeat): noise from other work on this shared
+        # machine then lands on every server alike instead of on whichever ran during it.
+        for n in prof.sizes:
+            for rep in range(prof.repeats):
+                for t in tgs:
                     run_id = f"{t.name[:2].upper()}{n}r{rep}x{secrets.token_hex(2)}"
                     log(f"{t.name}: {n} connections, repeat {rep + 1}/{prof.repeats}")
                     try:
