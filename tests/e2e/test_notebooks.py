@@ -263,6 +263,7 @@ def fleet_data(core: CoreProcess) -> Iterator[dict[str, Any]]:
         yield {
             "issued": issued,
             "states": Counter(c.state for c in commands),
+            "state_of": {c.command_id: c.state for c in commands},
             "retried": sum(1 for c in commands if c.attempts > 1),
             "devices": devices,
             "worn": worn,
@@ -301,6 +302,9 @@ def test_fleet_data_has_every_outcome(fleet_data: dict[str, Any]) -> None:
     for state in ("acked", "failed", "expired", "canceled"):
         assert states[state] > 0, states
     assert fleet_data["retried"] > 0, "no command was redelivered"
+    for outcome in ("expired", "canceled"):
+        arranged = fleet_data["issued"].by_outcome[outcome]
+        assert {fleet_data["state_of"][cid] for cid in arranged} == {outcome}, outcome
     offline = [d.sn for d in fleet_data["devices"] if d.sn.startswith("GONE")]
     assert len(offline) == LEAVERS
 
