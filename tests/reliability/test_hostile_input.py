@@ -21,46 +21,18 @@ from conftest import Core, make_settings, start_core
 from fleetkit import FLEET_SECRET, RawSocket, _fresh_timestamp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from relkit import LAG_BOUND_S, LagProbe, frozen_heap
 from websockets.sync.client import ClientConnection, connect
 
 from core.auth import device_token
 from core.services import SERVICE_TABLE
 
-LAG_BOUND_S = 0.25
+__all__ = ["frozen_heap"]  # an autouse fixture: every test here runs with the harness's heap frozen
+
 EXAMPLES = int(os.environ.get("FLEETPUSH_FUZZ_EXAMPLES", "120"))
 DERANDOMIZE = not os.environ.get("FLEETPUSH_FUZZ_RANDOM")
 # Reply codes a hostile request may get; 500 (a handler raised) and 504 never.
 ALLOWED = {0, 400, 401, 403, 404, 409, 429}
-
-
-class LagProbe:
-    """A task in the core's loop that records how late a short sleep wakes up."""
-
-    def __init__(self) -> None:
-        self.worst = 0.0
-        self.samples = 0
-        self._stop = False
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while not self._stop and self.samples < 1_000_000:
-            start = loop.time()
-            await asyncio.sleep(0.005)
-            self.worst = max(self.worst, loop.time() - start - 0.005)
-            self.samples += 1
-
-    def start(self) -> None:
-        """Start in the running loop."""
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> float:
-        """Stop; the worst lag seen, in seconds."""
-        self._stop = True
-        assert self._task is not None
-        await self._task
-        assert self.samples > 0
-        return self.worst
 
 
 # ------------------------------------------------------------------ a core in a thread, for hypothesis
@@ -442,3 +414,15 @@ async def test_invalid_utf8_is_1007_whole_or_fragmented(core: Core, name: str) -
     op, payload = await raw.read_frame()
     assert op == 0x1 and json.loads(payload)["code"] == 404 and json.loads(payload)["service"] == "/x€"
     raw.close()
+
+
+async def test_the_lag_probe_sees_a_blocked_loop() -> None:
+    # The probe behind every lag bound here: a loop blocked in a syscall for 0.3 s must show.
+    import time
+
+    probe = LagProbe()
+    probe.start()
+    await asyncio.sleep(0.02)
+    time.sleep(0.3)  # deliberately blocking: this is the fault the probe exists to detect
+    await asyncio.sleep(0.02)
+    assert await probe.stop() >= LAG_BOUND_S
