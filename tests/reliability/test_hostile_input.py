@@ -422,7 +422,6 @@ async def test_the_lag_probe_sees_a_blocked_loop() -> None:
 
     probe = LagProbe()
     probe.start()
-    await asyncio.sleep(0.02)
-    time.sleep(0.3)  # deliberately blocking: this is the fault the probe exists to detect
-    await asyncio.sleep(0.02)
+    await asyncio.sleep(0)  # let the probe start its first short sleep
+    time.sleep(0.3)  # noqa: ASYNC251 -- deliberately blocking: the fault the probe exists to detect
     assert await probe.stop() >= LAG_BOUND_S
