@@ -177,6 +177,7 @@ class Command(_Model):
 
     command_id: str
     sn: str
+    device_type: str | None = None
     command: str
     args: dict[str, Any] = Field(default_factory=dict)
     state: str
@@ -551,9 +552,9 @@ class FleetClient:
         data = self._request("POST", f"/api/v1/commands/{_seg(command_id)}/cancel")
         return self._parse(Command, data, "command")
 
-    def commands(self, sn: str | None = None, state: str | None = None) -> list[Command]:
+    def commands(self, sn: str | None = None, state: str | None = None, limit: int | None = None) -> list[Command]:
         """List commands, optionally of one device and/or in one state."""
-        data = self._request("GET", "/api/v1/commands", params=_params(sn=sn, state=state))
+        data = self._request("GET", "/api/v1/commands", params=_params(sn=sn, state=state, limit=limit))
         return self._parse_list(Command, data, "commands")
 
     def command(self, command_id: str) -> Command:
@@ -582,9 +583,11 @@ class FleetClient:
         """Counts of connections, devices online by type, messages and pushes."""
         return self._parse(Stats, self._request("GET", "/api/v1/stats"), "stats")
 
-    def audit(self, since: TimeArg = None, actor: str | None = None, action: str | None = None) -> list[AuditEvent]:
+    def audit(
+        self, since: TimeArg = None, actor: str | None = None, action: str | None = None, limit: int | None = None
+    ) -> list[AuditEvent]:
         """Audit events (admin), optionally since a time, of one actor and/or of one action."""
-        params = _params(since=_iso(since), actor=actor, action=action)
+        params = _params(since=_iso(since), actor=actor, action=action, limit=limit)
         return self._parse_list(AuditEvent, self._request("GET", "/api/v1/audit", params=params), "events")
 
     def healthz(self) -> bool:
@@ -633,17 +636,20 @@ class FleetClient:
         frame = _frame(rows, ["ts", "sn", *STATUS_FIELDS], ["ts"])
         return frame.sort_values("ts", kind="stable").reset_index(drop=True)
 
-    def commands_frame(self, sn: str | None = None, state: str | None = None) -> pd.DataFrame:
-        """Commands as a frame, newest first, with UTC time columns."""
-        rows = [command.model_dump() for command in self.commands(sn=sn, state=state)]
+    def commands_frame(self, sn: str | None = None, state: str | None = None, limit: int | None = None) -> pd.DataFrame:
+        """Commands as a frame, newest first, with UTC time columns (the API's default page is 500)."""
+        rows = [command.model_dump() for command in self.commands(sn=sn, state=state, limit=limit)]
         times = ["created_at", "sent_at", "acked_at", "expires_at"]
-        columns = ["command_id", "sn", "command", "args", "state", *times, "attempts", "result", "issued_by"]
+        columns = ["command_id", "sn", "device_type", "command", "args", "state", *times, "attempts", "result",
+                   "issued_by"]
         frame = _frame(rows, columns, times)
         return frame.sort_values("created_at", ascending=False, kind="stable").reset_index(drop=True)
 
-    def audit_frame(self, since: TimeArg = None, actor: str | None = None, action: str | None = None) -> pd.DataFrame:
-        """Audit events as a frame with ``ts`` in UTC."""
-        rows = [event.model_dump() for event in self.audit(since=since, actor=actor, action=action)]
+    def audit_frame(
+        self, since: TimeArg = None, actor: str | None = None, action: str | None = None, limit: int | None = None
+    ) -> pd.DataFrame:
+        """Audit events as a frame with ``ts`` in UTC (the API's default page is 1000)."""
+        rows = [event.model_dump() for event in self.audit(since=since, actor=actor, action=action, limit=limit)]
         return _frame(rows, ["ts", "actor", "action", "target", "outcome", "detail"], ["ts"])
 
     def connections_frame(self) -> pd.DataFrame:

@@ -25,6 +25,7 @@ def command_json(doc: dict[str, Any]) -> dict[str, Any]:
     return {
         "command_id": doc["command_id"],
         "sn": doc["sn"],
+        "device_type": doc.get("device_type"),
         "command": doc["command"],
         "args": doc.get("args") or {},
         "state": doc["state"],
