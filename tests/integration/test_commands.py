@@ -306,3 +306,67 @@ async def test_unstorable_args_are_a_400(core: Core, api: httpx.AsyncClient) -> 
     ack = await dev.request("/api/command/ack", {"command_id": cid, "ok": True, "values": {"n": 10**30}})
     assert ack["code"] == 400
     assert (await api.get(f"/api/v1/commands/{cid}")).json()["state"] == "sent"
+
+
+async def test_unacked_command_is_delivered_again_on_reconnect(core: Core, api: httpx.AsyncClient) -> None:
+    dev = await login(core, "R-1")
+    cid = (await api.post("/api/v1/devices/R-1/commands", json={"command": "dance"})).json()["command_id"]
+    assert (await dev.push("device_command"))["values"]["command_id"] == cid
+    await dev.close()  # gone before it could ack
+    dev = await login(core, "R-1")
+    assert (await dev.push("device_command"))["values"]["command_id"] == cid
+    got = (await api.get(f"/api/v1/commands/{cid}")).json()
+    assert got["state"] == "sent" and got["attempts"] == 2
+    assert (await dev.request("/api/command/ack", {"command_id": cid, "ok": True}))["values"]["state"] == "acked"
+
+
+async def test_ack_and_cancel_racing_leave_exactly_one_outcome(core: Core, api: httpx.AsyncClient) -> None:
+    dev = await login(core, "R-1")
+    ops = await core.ops()
+    await ops.request("/admin/device/subscribe", {"sns": ["R-1"]})
+    for _ in range(5):
+        cid = (await api.post("/api/v1/devices/R-1/commands", json={"command": "x"})).json()["command_id"]
+        await dev.push("device_command")
+        ack, cancel = await asyncio.gather(
+            dev.request("/api/command/ack", {"command_id": cid, "ok": True}),
+            api.post(f"/api/v1/commands/{cid}/cancel"),
+        )
+        final = (await api.get(f"/api/v1/commands/{cid}")).json()["state"]
+        if final == "acked":
+            assert ack["code"] == 0 and cancel.status_code == 409
+        else:
+            assert final == "canceled" and cancel.status_code == 200 and ack["code"] == 409
+        updates = []
+        while len(updates) < 3:  # pending, sent, then the one final state
+            updates.append((await ops.push("command_update"))["values"]["state"])
+        assert updates == ["pending", "sent", final]
+
+
+async def test_idempotency_key_is_forgotten_after_its_window(core_factory: Factory) -> None:
+    clock = ManualClock()
+    core = await core_factory(make_settings(commands={"idempotency_window_s": 3600}), clock=clock)
+    api = await bearer(core)
+    await (await device_at(core, "R-1", clock)).close()
+    body = {"command": "dance", "idempotency_key": "nightly", "ttl_s": 86400}
+    first = (await api.post("/api/v1/devices/R-1/commands", json=body)).json()
+    clock.advance(1800)
+    assert (await api.post("/api/v1/devices/R-1/commands", json=body)).json() == first
+    clock.advance(1801)
+    later = (await api.post("/api/v1/devices/R-1/commands", json=body)).json()
+    assert later["command_id"] != first["command_id"] and later["state"] == "pending"
+    assert (await api.post("/api/v1/devices/R-1/commands", json=body)).json() == later
+    await api.aclose()
+
+
+async def test_restart_redelivers_a_sent_but_unacked_command(core_factory: Factory) -> None:
+    first = await core_factory()
+    api = await bearer(first)
+    dev = await login(first, "R-1")
+    cid = (await api.post("/api/v1/devices/R-1/commands", json={"command": "dance"})).json()["command_id"]
+    await dev.push("device_command")
+    await api.aclose()
+    await first.app.stop()
+    second = await core_factory(store=first.app.deps.store.share())
+    dev = await login(second, "R-1")
+    assert (await dev.push("device_command"))["values"]["command_id"] == cid
+    assert (await dev.request("/api/command/ack", {"command_id": cid, "ok": True}))["values"]["state"] == "acked"
