@@ -306,3 +306,14 @@ async def test_an_unexpected_start_up_error_is_retried() -> None:
             await app.store_ready.wait()
     finally:
         await stop_bounded(app)
+
+
+async def test_readyz_answers_within_3_s_with_default_store_timeouts(silent_server: int) -> None:
+    app = make_app(make_settings(store={"mongo_url": f"mongodb://127.0.0.1:{silent_server}/?directConnection=true"}))
+    port = await app.start(port=0, address="127.0.0.1")
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10, verify=False) as anon:
+            r, took = await timed(anon.get("/readyz"))
+        assert r.status_code == 503 and took < 3.0
+    finally:
+        await stop_bounded(app)
