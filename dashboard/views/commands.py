@@ -8,10 +8,16 @@ from typing import Any
 import streamlit as st
 
 from core.client import FINAL_COMMAND_STATES, FleetAPIError
-from dashboard.common import api, client, require_user
+from dashboard.common import api, client, fmt_time, refresh_seconds, require_user
 
 _OUTCOME_KEY = "cmd_cancel_outcome"
+_WATCH_KEY = "cmd_watch"
 STATES = ["pending", "sent", "acked", "failed", "expired", "canceled"]
+#: Badge colour of each state in the "just sent" list (Streamlit markdown badge colours).
+STATE_COLOURS = {
+    "pending": "orange", "sent": "blue", "acked": "green", "failed": "red", "expired": "gray", "canceled": "gray",
+}
+WATCH_MAX = 20
 
 
 def parse_args(text: str) -> tuple[dict[str, Any] | None, str | None]:
@@ -49,6 +55,7 @@ def send_form(sns: list[str]) -> None:
         return
     fleet = client()
     sent: list[str] = []
+    watched: list[str] = list(st.session_state.get(_WATCH_KEY, []))
     for sn in targets:
         try:
             receipt = fleet.send_command(sn, command.strip(), args=args, ttl_s=int(ttl))
@@ -56,8 +63,37 @@ def send_form(sns: list[str]) -> None:
             st.error(f"Could not send {command.strip()!r} to {sn}: {exc.msg}")
             continue
         sent.append(f"{sn}: {receipt.command_id} ({receipt.state})")
+        watched.insert(0, receipt.command_id)
+    st.session_state[_WATCH_KEY] = watched[:WATCH_MAX]
     if sent:
         st.success(f"Sent {command.strip()!r} to {len(sent)} robot(s): " + "; ".join(sent))
+
+
+def watch() -> None:
+    """The commands sent from this session, newest first, with their current state."""
+    watched = [str(cid) for cid in st.session_state.get(_WATCH_KEY, [])]
+    if not watched:
+        return
+    st.subheader("Sent from here")
+    fleet = client()
+    with st.container(key="sent_from_here"):
+        for cid in watched:
+            try:
+                cmd = fleet.command(cid)
+            except FleetAPIError as exc:
+                st.markdown(f"`{cid}` · could not load its state: {_escape(exc.msg)}")
+                continue
+            colour = STATE_COLOURS.get(cmd.state, "gray")
+            tries = f" · {cmd.attempts} attempt(s)" if cmd.attempts else ""
+            why = cmd.result.get("msg") if isinstance(cmd.result, dict) and cmd.state == "failed" else None
+            because = f" · the robot said: {_escape(str(why))}" if why else ""
+            what = f"**{_escape(cmd.sn)}** · {_escape(cmd.command)}"
+            st.markdown(f"`{cid}` · {what} · :{colour}-badge[{cmd.state}]{tries}{because}")
+
+
+def _escape(text: str) -> str:
+    """Text from a robot shown literally in markdown (no links, emphasis or badges of its own)."""
+    return "".join(f"\\{c}" if c in "\\`*_[]<>:|~$" else c for c in text[:200])
 
 
 def recent(sns: list[str]) -> None:
@@ -93,6 +129,8 @@ def recent(sns: list[str]) -> None:
     table = frame.head(200)[columns].copy()
     for column in ("args", "result"):
         table[column] = table[column].map(lambda value: "" if value is None else json.dumps(value, sort_keys=True))
+    for column in ("created_at", "expires_at"):
+        table[column] = table[column].map(fmt_time)
     st.dataframe(table, hide_index=True, width="stretch")
 
     open_ids = [
@@ -145,7 +183,15 @@ def render() -> None:
     devices = api(lambda: client().devices(), "load the device list")
     sns = sorted(device.sn for device in devices or [])
     send_form(sns)
-    recent(sns)
+    interval = refresh_seconds()
+
+    @st.fragment(run_every=interval)
+    def live() -> None:
+        # States change on their own (sent, acked, expired): this part refreshes itself.
+        watch()
+        recent(sns)
+
+    live()
 
 
 render()

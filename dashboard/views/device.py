@@ -49,7 +49,12 @@ def battery_chart(history: pd.DataFrame) -> None:
         return
     figure = go.Figure(go.Scatter(x=points["ts"], y=points["battery"], mode="lines+markers", name="battery"))
     figure.add_hline(y=20, line_dash="dot", line_color="#c62828", annotation_text="low")
-    figure.update_layout(height=280, margin={"t": 30, "b": 10}, yaxis={"range": [0, 100], "title": "%"})
+    figure.update_layout(
+        title={"text": "Battery", "x": 0, "font": {"size": 15}},
+        height=280,
+        margin={"t": 40, "b": 10},
+        yaxis={"range": [0, 100], "title": "%"},
+    )
     st.plotly_chart(figure, width="stretch")
 
 
@@ -72,7 +77,14 @@ def codes_chart(history: pd.DataFrame) -> None:
     if not figure.data:
         st.caption("No status codes in this window.")
         return
-    figure.update_layout(height=280, margin={"t": 30, "b": 10}, yaxis={"title": "code (0 = ok)"})
+    top = max(float(max(trace.y, default=0)) for trace in figure.data)
+    figure.update_yaxes(dtick=max(1, int(-(-top // 5))))  # codes are whole numbers: no 0.2 ticks
+    figure.update_layout(
+        title={"text": "Status codes", "x": 0, "font": {"size": 15}},
+        height=280,
+        margin={"t": 40, "b": 10},
+        yaxis={"title": "code (0 = ok)", "rangemode": "tozero"},
+    )
     st.plotly_chart(figure, width="stretch")
 
 

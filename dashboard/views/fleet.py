@@ -12,6 +12,12 @@ from dashboard.common import api, client, fmt_time, now_utc, refresh_seconds, re
 #: The default device types of PROTOCOL §3; types the core reports are added as they appear.
 DEVICE_TYPES = ("retail", "dance_robot", "dance_dog", "rubbish")
 TABLE_COLUMNS = ["sn", "name", "type", "online", *STATUS_CODE_FIELDS, "battery", "last_seen", "status_ts"]
+#: Short headers so the whole row fits on a laptop screen; the data keeps the API's field names.
+COLUMN_LABELS = {
+    **{field: field.removesuffix("_code") for field in STATUS_CODE_FIELDS},
+    "battery": "battery %",
+    "last_seen": "last seen",
+}
 
 
 def filter_fleet(frame: pd.DataFrame, types: list[str], online: str, search: str) -> pd.DataFrame:
@@ -53,6 +59,9 @@ def online_chart(frame: pd.DataFrame) -> None:
         category_orders={"state": ["online", "offline"]},
     )
     figure.update_layout(height=300, margin={"t": 10, "b": 10}, legend_title_text="")
+    # Robot counts are whole numbers: no 0.5 ticks on a small fleet.
+    top = int(counts["robots"].max())
+    figure.update_yaxes(dtick=max(1, -(-top // 5)), rangemode="tozero")
     st.plotly_chart(figure, width="stretch")
 
 
@@ -87,7 +96,11 @@ def render() -> None:
             table[column] = table[column].map(fmt_time)
         table = table.rename(columns={"status_ts": "status at"}).reset_index(drop=True)
         st.dataframe(
-            severity_styler(table), hide_index=True, width="stretch", height=min(35 * (len(table) + 1) + 3, 720)
+            severity_styler(table),
+            hide_index=True,
+            width="stretch",
+            height=min(35 * (len(table) + 1) + 3, 720),
+            column_config=COLUMN_LABELS,
         )
         st.caption(f"{len(shown)} of {total} robots shown · updated {now_utc()} · refreshes every {interval:g} s")
 

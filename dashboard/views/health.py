@@ -79,7 +79,7 @@ def stats() -> None:
         )
     others = {name: value for name, value in flat.items() if name not in numbers}
     if others:
-        st.json(others, expanded=False)
+        st.caption(" · ".join(f"{name}: {value}" for name, value in others.items()))
 
 
 def connections(is_admin: bool) -> None:
@@ -95,6 +95,9 @@ def connections(is_admin: bool) -> None:
         return
     table = frame.sort_values("queue_depth", ascending=False).copy()
     table["connected_at"] = table["connected_at"].map(fmt_time)
+    for column in ("sn", "username", "type"):  # a device has no username, an ops user no sn
+        if column in table.columns:
+            table[column] = table[column].astype(object).where(table[column].notna(), "—")
     st.dataframe(table, hide_index=True, width="stretch")
 
 
@@ -109,10 +112,10 @@ def render() -> None:
         readiness()
         st.subheader("Pushes")
         pushes()
-        st.subheader("Counters")
-        stats()
         st.subheader("Live connections")
         connections(user.is_admin)
+        st.subheader("Counters")
+        stats()
         st.caption(f"Updated {now_utc()} · refreshes every {interval:g} s")
 
     live()

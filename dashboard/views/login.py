@@ -10,6 +10,14 @@ from dashboard.common import core_url, pop_flash, remember_login
 
 def render() -> None:
     """The login form."""
+    # The app is laid out wide for its tables; a login form that wide looks broken, so centre it.
+    _, middle, _ = st.columns([1, 2, 1])
+    with middle:
+        form()
+
+
+def form() -> None:
+    """The form and what happens when it is sent."""
     st.title("fleetpush")
     st.caption(f"Core: {core_url()}")
     flash = pop_flash()

@@ -259,6 +259,13 @@ def test_send_command_validates_json_and_reports_the_ids(
     assert f"to {len(targets)} robot(s)" in done and all(sn in done for sn in targets)
     sent = [c for c in admin.commands() if c.command == "dance" and c.args == {"style": "waltz"}]
     assert {c.sn for c in sent} >= set(targets)
+    # the page keeps watching what it sent: one line per command with its robot and state
+    assert "Sent from here" in texts(app, "subheader")
+    mine = [c for c in sent if c.command_id in done]
+    lines = texts(app, "markdown")
+    for c in mine:
+        assert any(c.command_id in line and c.sn in line and "-badge[" in line for line in lines), lines
+    assert len(mine) == len(targets)
 
 
 def test_cancel_of_a_command_that_became_final_shows_the_conflict_in_words(
