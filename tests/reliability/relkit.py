@@ -73,3 +73,43 @@ def frozen_heap() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
+
+
+class FrameReader:
+    """Reads a raw socket's server frames in bulk (cheap enough for hundreds of clients in one loop)."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self.reader = reader
+        self.buf = bytearray()
+
+    async def frames(self, limit: int, timeout: float) -> list[tuple[int, bytes]]:
+        """Up to `limit` complete frames, waiting at most `timeout` seconds for the first."""
+        import struct
+
+        out: list[tuple[int, bytes]] = []
+        async with asyncio.timeout(timeout):
+            while not out:
+                buf = self.buf
+                pos = 0
+                while len(out) < limit and len(buf) - pos >= 2:
+                    b0, b1 = buf[pos], buf[pos + 1]
+                    n, head = b1 & 0x7F, 2
+                    if n == 126:
+                        if len(buf) - pos < 4:
+                            break
+                        n, head = struct.unpack_from("!H", buf, pos + 2)[0], 4
+                    elif n == 127:
+                        if len(buf) - pos < 10:
+                            break
+                        n, head = struct.unpack_from("!Q", buf, pos + 2)[0], 10
+                    if len(buf) - pos < head + n:
+                        break
+                    out.append((b0 & 0x0F, bytes(buf[pos + head : pos + head + n])))
+                    pos += head + n
+                del buf[:pos]
+                if not out:
+                    chunk = await self.reader.read(1 << 18)
+                    if not chunk:
+                        raise ConnectionError("closed")
+                    buf.extend(chunk)
+        return out
