@@ -110,7 +110,7 @@ class FleetApp:
             self.application,
             xheaders=False,
             max_body_size=s.api.max_body_bytes * 2,
-            idle_connection_timeout=30,
+            idle_connection_timeout=s.server.idle_timeout_s,
             body_timeout=30,
             max_header_size=16384,
         )

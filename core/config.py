@@ -31,6 +31,7 @@ class ServerSettings(Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     access_log: bool = True
     shutdown_grace_s: float = Field(3.0, ge=0, le=30)
+    idle_timeout_s: float = Field(30, gt=0)
 
 
 class OpsUser(Section):
