@@ -83,15 +83,22 @@ def dashboard(live_core: LiveCore, tmp_path_factory: pytest.TempPathFactory) -> 
     assert "Traceback" not in log_text, log_text[-3000:]
 
 
-@pytest.fixture
-def page(dashboard: str) -> Iterator[Any]:
-    """A fresh Chromium page (Debian's, never a downloaded one)."""
+@pytest.fixture(scope="session", autouse=True)
+def _browser_available() -> None:
+    """Check for the browser before any process is started for nothing (autouse runs first)."""
     if not CHROMIUM.exists():
         _unavailable(f"{CHROMIUM} is missing (apt-get install chromium)")
     try:
-        from playwright.sync_api import sync_playwright
+        import playwright.sync_api  # noqa: F401
     except ImportError:
         _unavailable("the python package playwright is not installed")
+
+
+@pytest.fixture
+def page() -> Iterator[Any]:
+    """A fresh Chromium page (Debian's, never a downloaded one)."""
+    from playwright.sync_api import sync_playwright
+
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
