@@ -159,6 +159,9 @@ async def rotate_secret(c: Call) -> tuple[int, Any]:
     conn = c.deps.hub.device(sn)
     if conn is not None:
         conn.close(CLOSE_UNAUTHORIZED, "device secret rotated")
+    # With several nodes the device may be held by another one: it closes its connection too.
+    await c.deps.push.broker.send_control("close_device", {"sn": sn, "code": CLOSE_UNAUTHORIZED,
+                                                           "reason": "device secret rotated"})
     await c.deps.audit.record(c.actor, "device.secret_rotated", sn, "ok", {})
     return 200, {"sn": sn, "secret": secret}
 

@@ -22,7 +22,7 @@ from .clock import Clock, SystemClock, utc
 from .commands import CommandOutbox
 from .config import Settings
 from .context import Deps
-from .errors import CLOSE_GOING_AWAY, CLOSE_REPLACED, StoreUnavailable
+from .errors import CLOSE_GOING_AWAY, CLOSE_REPLACED, CLOSE_UNAUTHORIZED, StoreUnavailable
 from .hub import Hub
 from .metrics import Metrics
 from .monitor import Monitor
@@ -163,10 +163,13 @@ class FleetApp:
 
     async def _on_control(self, kind: str, data: dict[str, Any]) -> None:
         # Another node's message: a device that logged in there is evicted here (4409).
-        if kind == "evict":
-            conn = self.deps.hub.device(str(data.get("sn")))
-            if conn is not None and conn.id != data.get("conn"):
-                conn.close(CLOSE_REPLACED, "replaced by a newer login on another node")
+        conn = self.deps.hub.device(str(data.get("sn")))
+        if conn is None:
+            return
+        if kind == "evict" and conn.id != data.get("conn"):
+            conn.close(CLOSE_REPLACED, "replaced by a newer login on another node")
+        elif kind == "close_device":
+            conn.close(int(data.get("code") or CLOSE_UNAUTHORIZED), str(data.get("reason") or ""))
 
     async def _on_node_lost(self, node: str) -> None:
         try:

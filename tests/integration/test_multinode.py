@@ -161,6 +161,10 @@ async def test_status_and_presence_reach_an_operator_on_another_node(core_factor
     assert doc is not None and doc["online"] is True and doc["node"] == "node-b"
     assert (await dev_b.request("/api/device/status", {"battery": 76}))["code"] == 0
     assert a.app.deps.hub.device("RET-1") is None and b.app.deps.hub.device("RET-1") is not None
+    # Rotating the secret through node A's API closes the connection node B holds, with 4401.
+    async with api(a) as http:
+        assert (await http.post("/api/v1/devices/RET-1/secret")).status_code == 200
+    assert await dev_b.close_code() == 4401
 
 
 async def test_lost_node_devices_go_offline_node_lost(core_factory: Callable[..., Any],
