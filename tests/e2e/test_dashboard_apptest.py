@@ -159,7 +159,10 @@ def test_logout_returns_to_the_login_form(app: AppTest, live_core: LiveCore) -> 
     assert any("logged out" in i for i in texts(app, "info"))
 
 
-def test_fleet_filters_by_type_state_and_text(app: AppTest, live_core: LiveCore, seeded_fleet: SeededFleet) -> None:
+def test_fleet_filters_by_type_state_and_text(
+    app: AppTest, live_core: LiveCore, seeded_fleet: SeededFleet, admin: FleetClient
+) -> None:
+    parked = admin.provision_device(f"E2E-PARK-{time.monotonic_ns() % 10**8}", "retail").sn  # never connects
     log_in_admin(app, live_core)
     target = seeded_fleet.sns[0]
     app.text_input(key="fleet_search").input(target.lower())
@@ -177,6 +180,7 @@ def test_fleet_filters_by_type_state_and_text(app: AppTest, live_core: LiveCore,
     app.selectbox(key="fleet_online").select("Offline")
     app.run()
     assert not fleet_table(app).value["online"].astype(bool).any()
+    assert parked in fleet_sns(app)
     assert not set(seeded_fleet.sns) & fleet_sns(app)
 
 
