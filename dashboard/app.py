@@ -25,7 +25,9 @@ PAGES = Path(__file__).resolve().parent / "views"
 
 def run() -> None:
     """Build the navigation for the logged-in user's role and run the chosen page."""
-    st.set_page_config(page_title="fleetpush", page_icon=":material/precision_manufacturing:", layout="wide")
+    # An emoji, not a ":material/...:" icon: Streamlit fetches a material favicon from fonts.gstatic.com,
+    # and the dashboard must never call out to the internet (the browser test checks every request).
+    st.set_page_config(page_title="fleetpush", page_icon="🤖", layout="wide")
     user = current_user()
     if user is None:
         page = st.navigation([st.Page(PAGES / "login.py", title="Log in", icon=":material/login:", default=True)])

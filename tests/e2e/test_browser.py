@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -105,11 +106,21 @@ def page() -> Iterator[Any]:
         try:
             context = browser.new_context(viewport={"width": 1440, "height": 1000})
             context.set_default_timeout(WAIT_MS)
+            outside: list[str] = []
+
+            def local_only(request: Any) -> None:
+                # the dashboard must never call out to the internet (issue 4): every request stays on 127.0.0.1
+                host = urlsplit(request.url).hostname
+                if request.url.split(":", 1)[0] in ("http", "https", "ws", "wss") and host != "127.0.0.1":
+                    outside.append(request.url)
+
+            context.on("request", local_only)
             tab = context.new_page()
             errors: list[str] = []
             tab.on("pageerror", lambda exc: errors.append(str(exc)))
             yield tab
             assert not errors, f"JavaScript errors in the page: {errors}"
+            assert not outside, f"the dashboard made requests off this machine: {outside}"
         finally:
             browser.close()
 
