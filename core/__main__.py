@@ -72,7 +72,10 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     s = _settings(args)
     setup_logging(s.server.log_format, s.server.log_level)
-    return asyncio.run(serve(s))
+    code = asyncio.run(serve(s))
+    # A second Ctrl-C while the interpreter joins its worker threads would print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return code
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -83,11 +86,13 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
-    from dashboard.launch import command
+    from dashboard.launch import command, environment
 
     s = _settings(args)
-    argv = command(args.core_url or s.dashboard.core_url, args.dash_port or s.dashboard.port, s.dashboard.host)
-    env = dict(os.environ, FLEETPUSH_CORE_URL=args.core_url or s.dashboard.core_url)
+    url = args.core_url or s.dashboard.core_url
+    argv = command(url, args.dash_port or s.dashboard.port, s.dashboard.host)
+    env = environment(url)
+    env["FLEETPUSH_DASHBOARD_REFRESH_S"] = str(s.dashboard.refresh_s)
     os.execvpe(argv[0], argv, env)
     return 0
 

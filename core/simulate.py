@@ -955,8 +955,10 @@ def main(args: argparse.Namespace) -> int:
         try:
             await run_fleet(config, args.duration, stop_event=stop, out=lambda line: print(line, flush=True))
         finally:
+            # Keep swallowing signals until asyncio.run has finished: a second Ctrl-C during the
+            # shutdown must not turn into a KeyboardInterrupt traceback and exit -2.
             for sig in installed:
-                loop.remove_signal_handler(sig)
+                loop.add_signal_handler(sig, lambda: None)
 
     print(f"simulate: {config.devices} devices of {','.join(config.types)} -> {config.url}", flush=True)
     asyncio.run(_amain())
