@@ -4,8 +4,10 @@ scanned for every credential it used (every logger, at DEBUG)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -14,6 +16,7 @@ import httpx
 import pytest
 from conftest import Core, make_settings
 from fleetkit import ADMIN_PASSWORD, FLEET_SECRET, Client
+from relkit import LagProbe
 
 from core.auth import device_token, role_allows
 from core.clock import ManualClock
@@ -133,6 +136,35 @@ async def test_brute_force_over_http_and_ws_shares_one_throttle(core_factory: Ca
         assert (await ws.login_ops("admin", ADMIN_PASSWORD))["code"] == 0
         r = await http.post("/api/v1/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD})
         assert r.status_code == 200
+
+
+async def test_twenty_concurrent_logins_hash_off_the_loop(core_factory: Callable[..., Any]) -> None:
+    # Costly hashing (argon2id, 64 MiB, t=3: 0.2-0.5 s per verify here), so one hash on the loop would show;
+    # the handler timeout is raised since 20 such hashes queue behind the 2 hashing threads.
+    core = await core_factory(make_settings(auth={"argon2_time_cost": 3, "argon2_memory_kib": 65536},
+                                            limits={"rate_per_s": 100000, "rate_burst": 100000,
+                                                    "handler_timeout_s": 60}))
+    for k in range(4):
+        await core.app.deps.auth.create_user(f"crowd-{k}", f"crowd-password-{k}", "viewer")
+    dev = await core.device("PING-1")
+    clients = [await core.client() for _ in range(20)]
+    probe = LagProbe()
+    probe.start()
+    logins = asyncio.gather(*(c.request("/admin/auth/login", {"username": f"crowd-{i % 4}",
+                                                                "password": f"crowd-password-{i % 4}"}, timeout=60)
+                              for i, c in enumerate(clients)))
+    pings = []
+    while not logins.done() and len(pings) < 3000:
+        start = time.perf_counter()
+        assert (await dev.request("/api/device/heartbeat"))["code"] == 0
+        pings.append(time.perf_counter() - start)
+        await asyncio.sleep(0.02)  # a device's pace, so the pings do not compete with the hashing for CPU
+    replies = await logins
+    lag = await probe.stop()
+    assert [r["code"] for r in replies] == [0] * 20
+    assert len(pings) >= 3  # the device was served while the hashes ran
+    assert statistics.median(pings) < 0.05, statistics.median(pings)
+    assert lag < 0.1, lag
 
 
 # ------------------------------------------------------------------ logs of a whole scenario
