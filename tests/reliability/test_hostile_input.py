@@ -323,7 +323,7 @@ async def test_parser_bombs_get_400_and_the_loop_stays_live(core_factory: Callab
     assert (await dev.request("/api/device/status", {"battery": 7}))["code"] == 0  # the connection lived on
 
 
-async def test_many_unknown_keys_do_not_amplify_the_reply(core: Core) -> None:
+async def test_many_unknown_keys_get_a_bounded_reply(core: Core) -> None:
     dev = await core.device("AMP-1")
     keys = ",".join(f'"k{i}": 0' for i in range(6000))
     text = _status("{" + keys + "}")
@@ -332,7 +332,9 @@ async def test_many_unknown_keys_do_not_amplify_the_reply(core: Core) -> None:
     reply = await dev.push(timeout=5)
     assert reply["code"] == 400
     size = len(json.dumps(reply))
-    assert size < 8 * len(text), size  # recorded in docs/RELIABILITY.md: one error entry per unknown key
+    # PROTOCOL §2 asks for one error entry per invalid field: 65 KB of unknown keys get a ~365 KB reply
+    # (5.6x). Bounded by the frame limit and the rate limit; recorded in docs/RELIABILITY.md.
+    assert size < 8 * len(text), size
     assert (await dev.request("/api/device/heartbeat"))["code"] == 0
 
 
