@@ -177,11 +177,30 @@ async def test_500_devices_reconnecting_at_once_all_get_in_and_get_their_command
     now = utc(time.time())
     for i in range(n):
         assert await store.create_device(f"STORM-{i}", "retail", f"storm {i}", secret, now)
+    ts = int(time.time())
+
+    async def first_login(sn: str) -> RawSocket:
+        raw = await RawSocket.connect(core.port)
+        raw.send_json({"service": "/api/user/login", "request_id": 1, "values": {
+            "sn": sn, "timestamp": ts, "token": device_token(secret, sn, ts), "type": "retail"}})
+        op, payload = await raw.read_frame(30)
+        assert op == 0x1 and json.loads(payload)["code"] == 0
+        return raw
+
+    # The fleet is online, then every connection drops at once (a network outage)...
+    first = []
+    for batch in range(0, n, 100):
+        first += await asyncio.gather(*(first_login(f"STORM-{i}") for i in range(batch, batch + 100)))
+    for raw in first:
+        raw.writer.transport.abort()
+    await asyncio.wait_for(core.app.gateway.empty.wait(), 30)
+    # ...commands are issued while it is away...
     ids = {}
     for i in range(n):
         ids[f"STORM-{i}"] = (await cmds.create(f"STORM-{i}", "wake", {"i": i}, None, None, "admin"))["command_id"]
-    ts = int(time.time())
+    ts += 1  # a fresh token: the first one is in the replay cache
 
+    # ...and the whole fleet comes back at once.
     async def reconnect(sn: str) -> tuple[RawSocket, float]:
         raw = await RawSocket.connect(core.port)
         raw.send_json({"service": "/api/user/login", "request_id": 1, "values": {
