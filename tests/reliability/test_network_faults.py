@@ -195,3 +195,21 @@ async def test_fds_and_hub_entries_return_to_baseline_after_churn(
     assert len(core.app.deps.hub) == hub == 0
     assert core.app.deps.hub.counts() == {"device": 0, "ops": 0, "anon": 0}
     assert _fd_count() <= fds + 2, (fds, _fd_count())
+
+
+async def test_a_high_latency_link_still_works_end_to_end(core: Core, proxy_factory: Callable[[int], Any]) -> None:
+    proxy = await proxy_factory(core.port)
+    proxy.delay_s = 0.1  # 100 ms each way per chunk: a poor cellular link
+    raw = await RawSocket.connect(proxy.port)
+    await login_raw(raw, "SLOWLINK-1")
+    cid = (await core.app.deps.commands.create("SLOWLINK-1", "dance", {}, None, None, "admin"))["command_id"]
+    op, payload = await raw.read_frame()
+    push = json.loads(payload)
+    assert op == 0x1 and push["service"] == "device_command" and push["values"]["command_id"] == cid
+    raw.send_json({"service": "/api/command/ack", "request_id": 2, "values": {"command_id": cid, "ok": True}})
+    op, payload = await raw.read_frame()
+    assert json.loads(payload)["values"]["state"] == "acked"
+    raw.send_frame(0x8, struct.pack("!H", 1000))
+    assert await raw.close_code() == 1000
+    await removed(core.app.deps.hub, lambda c: c.sn == "SLOWLINK-1")
+    raw.close()
