@@ -145,11 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devices", type=int, help="simulated robots (default simulator.devices)")
     p.set_defaults(fn=_cmd_up)
 
-    p = sub.add_parser("bench", help="benchmark fleetpush against peer servers")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=_cmd_bench)
+    p = sub.add_parser("bench", help="benchmark fleetpush against peer servers (options: fleetpush bench --help)",
+                       add_help=False)
+    p.set_defaults(fn=_cmd_bench, rest=[])
 
-    args = parser.parse_args(argv)
+    # The benchmark parses its own options, so everything after `bench` goes to it unchanged.
+    args, rest = parser.parse_known_args(argv)
+    if args.cmd == "bench":
+        args.rest = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     fn: Any = args.fn
     return int(fn(args))
 

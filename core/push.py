@@ -23,7 +23,22 @@ class Pusher:
         self.broker = broker
         self.metrics = metrics
         self._mono = clock_mono
+        self._ok: dict[str, Any] = {}
+        self._lat: dict[str, Any] = {}
         broker.bind(self.deliver_local)
+
+    def _success(self, service: str) -> Any:
+        # Cached children: labels() locks and hashes on every call, and this runs per push.
+        child = self._ok.get(service)
+        if child is None:
+            child = self._ok[service] = self.metrics.push_success.labels(service)
+        return child
+
+    def _latency(self, service: str) -> Any:
+        child = self._lat.get(service)
+        if child is None:
+            child = self._lat[service] = self.metrics.push_latency.labels(service)
+        return child
 
     def deliver_local(self, target: Target, service: str, frame: bytes) -> Delivery:
         """Queue an already framed push on this node's matching connections."""
@@ -37,7 +52,7 @@ class Pusher:
                 queued += 1
         failed = len(conns) - queued
         if queued:
-            self.metrics.push_success.labels(service).inc(queued)
+            self._success(service).inc(queued)
         if failed:
             self.metrics.push_failure.labels(service, "queue_full_or_closed").inc(failed)
         return Delivery(matched=len(conns), queued=queued)
@@ -64,7 +79,7 @@ class Pusher:
         try:
             return await self.broker.publish(target, service, frame, counts)
         finally:
-            self.metrics.push_latency.labels(service).observe(max(0.0, self._mono() - start))
+            self._latency(service).observe(max(0.0, self._mono() - start))
 
     async def broadcast(self, service: str, values: Any) -> Delivery:
         """Every authenticated connection."""

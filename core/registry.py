@@ -58,6 +58,23 @@ class ServerRules:
         self.deps = deps
         self._timeout = deps.settings.limits.handler_timeout_s
         self._abuse = deps.settings.limits.rate_abuse_replies
+        # prometheus-client's labels() takes a lock and builds a key on every call; the hot path
+        # keeps the children it has seen.
+        self._count_children: dict[tuple[str, int], Any] = {}
+        self._latency_children: dict[str, Any] = {}
+
+    def _observe(self, service: str, code: int, elapsed: float) -> None:
+        known = service in self.rules
+        key = (service if known else "unknown", code)
+        counter = self._count_children.get(key)
+        if counter is None:
+            counter = self._count_children[key] = self.deps.metrics.requests.labels(key[0], str(code))
+        counter.inc()
+        if known:
+            hist = self._latency_children.get(service)
+            if hist is None:
+                hist = self._latency_children[service] = self.deps.metrics.handler_latency.labels(service)
+            hist.observe(elapsed)
 
     def _check_access(self, ctx: ServerContext, access: Access) -> None:
         conn = ctx.conn
@@ -116,9 +133,7 @@ class ServerRules:
             return protocol.response(req.service, req.request_id, None, 500, "internal error; it was logged")
         finally:
             elapsed = max(0.0, self.deps.clock.monotonic() - start)
-            metrics.requests.labels(req.service if req.service in self.rules else "unknown", str(code)).inc()
-            if req.service in self.rules:
-                metrics.handler_latency.labels(req.service).observe(elapsed)
+            self._observe(req.service, code, elapsed)
             if code or log.isEnabledFor(logging.DEBUG):
                 log.log(
                     logging.INFO if code in (0, 400, 401, 403, 404, 409, 429) else logging.WARNING,
