@@ -118,6 +118,7 @@ class Store:
         self.audit_log = db["audit"]
         self.replay = db["replay"]
         self.indexes_ready = False
+        self._orphans: set[asyncio.Future[Any]] = set()
         self.failed_at: float | None = None  # time.monotonic() of the latest failed call, None after a success
 
     def share(self) -> Store:
@@ -133,8 +134,12 @@ class Store:
         # Every driver call goes through here so a dead or silent server becomes a quick 503,
         # never a hang: the driver's own timeouts, bounded again by op_timeout_s.
         try:
-            async with asyncio.timeout(self.settings.op_timeout_s + 0.5):
-                result = await fn()
+            bound = self.settings.op_timeout_s + 0.5
+            if self.embedded:
+                async with asyncio.timeout(bound):
+                    result = await fn()
+            else:
+                result = await self._bounded(fn, bound)
             self.failed_at = None
             return result
         except DuplicateKeyError:
@@ -234,11 +239,33 @@ class Store:
         res = await self._call("purge", lambda: coll.delete_many(flt))
         return int(res.deleted_count)
 
+    async def _bounded(self, fn: Callable[[], Awaitable[T]], bound: float) -> T:
+        # PyMongo's async client must not be cancelled mid-operation: a cancel inside server
+        # selection left its topology lock unusable ("Lock is not acquired") and close() hung.
+        # So the caller stops waiting at the bound, and the operation is left to end by the
+        # driver's own timeouts (serverSelectionTimeoutMS, timeoutMS), kept referenced meanwhile.
+        task: asyncio.Future[T] = asyncio.ensure_future(fn())
+        done, _ = await asyncio.wait({task}, timeout=bound)
+        if not done:
+            self._orphans.add(task)
+            task.add_done_callback(self._orphan_done)
+            raise TimeoutError(f"store operation still running after {bound:g} s")
+        return task.result()
+
+    def _orphan_done(self, task: asyncio.Future[Any]) -> None:
+        self._orphans.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: an abandoned operation's error was already reported as a 503
+
     async def close(self) -> None:
-        """Close the driver's connections."""
+        """Close the driver's connections, without hanging on a server that does not answer."""
         closer = getattr(self._client, "close", None)
         if closer is not None and not self.embedded:
-            await closer()
+            try:
+                async with asyncio.timeout(self.settings.op_timeout_s + self.settings.server_selection_timeout_s):
+                    await closer()
+            except TimeoutError:
+                log.warning("store client did not close in time; dropping it")
 
     # ---------------------------------------------------------------- users and sessions
 
