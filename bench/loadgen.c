@@ -4,7 +4,9 @@
  *
  * It opens N device connections plus one control (ops) connection, logs each in with a
  * pre-built frame (from --logins, lines "sn<TAB>frame"; from --control-login), then runs the
- * phases named by --phases in order on the same connections:
+ * phases named by --phases in order on the same connections. The control connection goes to
+ * --control-port when given (another node of a cluster: cross-node broadcast), else to --port.
+ *
  *
  *   idle       hold all connections; reads the server's VmRSS before and after (--server-pid)
  *   broadcast  single-broadcast send->last-receipt latency, then deliveries/s with a window
@@ -68,7 +70,7 @@ enum { PH_CONNECT, PH_IDLE, PH_BCAST_LAT, PH_BCAST_SAT, PH_REQ_SAT, PH_REQ_HALF,
 
 /* ---- configuration ---- */
 static const char *o_host = "127.0.0.1";
-static int o_port = 8765, o_http_port = 0;
+static int o_port = 8765, o_http_port = 0, o_control_port = 0; /* control: --port unless set */
 static const char *o_path = "/ws";
 static int o_conns = 100, o_concurrency = 256;
 static const char *o_logins = NULL, *o_control_login = NULL, *o_http_auth = "";
@@ -97,7 +99,7 @@ static int n_total; /* devices + control */
 static int ctl_idx, http_idx;
 static char **sns, **login_frames;
 static int epfd;
-static struct sockaddr_in srv_addr, http_addr;
+static struct sockaddr_in srv_addr, http_addr, ctl_addr;
 static int64_t t_now, t_begin;
 static volatile sig_atomic_t stop_flag;
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
@@ -405,7 +407,7 @@ static void open_conn(int i) {
     c->state = C_CONNECTING;
     c->t_start = t_now;
     if (!http) inflight++;
-    struct sockaddr_in *a = http ? &http_addr : &srv_addr;
+    struct sockaddr_in *a = http ? &http_addr : c->role == R_CONTROL ? &ctl_addr : &srv_addr;
     if (connect(fd, (struct sockaddr *)a, sizeof *a) < 0 && errno != EINPROGRESS) {
         fprintf(stderr, "loadgen: connect: %s\n", strerror(errno));
         conn_close(i, false);
@@ -422,7 +424,7 @@ static void send_handshake(int i) {
                      "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
                      "User-Agent: fleetpush-loadgen\r\n\r\n",
-                     o_path, o_host, o_port);
+                     o_path, o_host, conns[i].role == R_CONTROL && o_control_port ? o_control_port : o_port);
     conns[i].state = C_HANDSHAKE;
     raw_send(i, req, (size_t)n);
 }
@@ -1197,7 +1199,8 @@ int main(int argc, char **argv) {
         {"http-auth", 1, 0, 11},       {"server-pid", 1, 0, 12},     {"max-s", 1, 0, 13},
         {"bcast-frame", 1, 0, 14},     {"req-frame", 1, 0, 15},      {"status-frame", 1, 0, 16},
         {"sub-frame", 1, 0, 17},       {"ack-frame", 1, 0, 18},      {"cmd-body", 1, 0, 19},
-        {"connect-s", 1, 0, 20},       {"drain-s", 1, 0, 21},        {0, 0, 0, 0}};
+        {"connect-s", 1, 0, 20},       {"drain-s", 1, 0, 21},        {"control-port", 1, 0, 22},
+        {0, 0, 0, 0}};
     int opt;
     while ((opt = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         switch (opt) {
@@ -1230,6 +1233,7 @@ int main(int argc, char **argv) {
         case 19: o_cmd_body = optarg; break;
         case 20: o_connect_s = atof(optarg); break;
         case 21: o_drain_s = atof(optarg); break;
+        case 22: o_control_port = atoi(optarg); break;
         default: fprintf(stderr, "usage: loadgen --port N --conns N --logins FILE [options]\n"); return 2;
         }
     }
@@ -1263,6 +1267,8 @@ int main(int argc, char **argv) {
     if (inet_pton(AF_INET, o_host, &srv_addr.sin_addr) != 1) die("bad --host");
     http_addr = srv_addr;
     http_addr.sin_port = htons((uint16_t)(o_http_port ? o_http_port : o_port));
+    ctl_addr = srv_addr;
+    ctl_addr.sin_port = htons((uint16_t)(o_control_port ? o_control_port : o_port));
     epfd = epoll_create1(EPOLL_CLOEXEC);
     if (epfd < 0) die("epoll_create1");
     rng ^= (uint64_t)mono_us() * 0x2545F4914F6CDD1Dull;

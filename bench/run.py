@@ -3,7 +3,9 @@
 For every server, connection count and repeat, the driver starts a fresh server pinned to CPU 0,
 runs `bench/build/loadgen` pinned to CPU 1 through the phases idle -> broadcast -> reqresp ->
 command -> ingest on the same logged-in device connections, stops the server by its PID, and
-finally prints medians with ratios of fleetpush to each peer. Results go to
+finally prints medians with ratios of fleetpush to each peer. With `crossnode` (default, when
+redis-server is installed) it also measures the broadcast across two fleetpush nodes sharing a
+throw-away Redis, next to the same-node broadcast of the same run. Results go to
 `bench/results/latest.json` and `bench/results/latest.md`. Loopback only; every wait is bounded.
 """
 
@@ -47,6 +49,8 @@ ALL_PHASES = "idle,broadcast,reqresp,command,ingest"
 AIOHTTP_PIN = "aiohttp==3.14.5"
 SERVERS = ("fleetpush", "node", "aiohttp", "websockets")
 PEERS = SERVERS[1:]
+CROSSNODE = "crossnode"  # fleetpush broadcast across two nodes over Redis; its own section of the output
+CROSSNODE_TITLE = "cross-node broadcast (2 nodes over Redis)"
 HOST = "127.0.0.1"
 ADMIN_PASSWORD = "bench-admin-" + secrets.token_hex(6)
 DEVICE_SECRET = "bench-fleet-" + secrets.token_hex(8)
@@ -430,8 +434,10 @@ def targets(selected: list[str], core_dir: Path | None = None) -> tuple[list[Tar
         elif name == "websockets":
             cmd = [sys.executable, str(BENCH / "peers" / "websockets_peer.py")]
             out.append(Target(name, cmd, base, http_port_offset=1))
+        elif name == CROSSNODE:
+            continue  # started by run_crossnode from the fleetpush target's settings
         else:
-            raise SystemExit(f"unknown server {name!r}; choose from {', '.join(SERVERS)}")
+            raise SystemExit(f"unknown server {name!r}; choose from {', '.join((*SERVERS, CROSSNODE))}")
     return out, skipped
 
 
@@ -489,95 +495,192 @@ def run_once(t: Target, n: int, prof: Profile, workdir: Path, run_id: str, pin_c
         token = ""
         if t.admin_login:
             token = admin_token(port, proc)
-        logins = workdir / f"{run_id}.logins"
-        write_logins(logins, n, run_id)
-        control = {
-            "op": "galbot_request",
-            "service": "/admin/auth/login",
-            "request_id": "control-login",
-            "values": {"username": "admin", "password": ADMIN_PASSWORD},
-        }
-        budget = (
-            prof.idle_s
-            + prof.bcast_lat_s
-            + prof.bcast_sat_s
-            + 2 * prof.req_s
-            + prof.ingest_s
-            + prof.cmd_s
-            + 6 * prof.drain_s
-            + prof.connect_cap_s
-            + 15
+        raw = drive(t, n, prof, workdir, run_id, pin_cpus, proc, port, port + t.http_port_offset, token)
+    return raw
+
+
+def drive(
+    t: Target,
+    n: int,
+    prof: Profile,
+    workdir: Path,
+    run_id: str,
+    pin_cpus: bool,
+    proc: Proc,
+    port: int,
+    http_port: int,
+    token: str,
+    control_port: int = 0,
+) -> dict[str, Any]:
+    """Run the load generator's phases `t.phases` against a running server (devices on `port`, the
+    control connection on `control_port` when set, else on `port`); returns its JSON result."""
+    logins = workdir / f"{run_id}.logins"
+    write_logins(logins, n, run_id)
+    control = {
+        "op": "galbot_request",
+        "service": "/admin/auth/login",
+        "request_id": "control-login",
+        "values": {"username": "admin", "password": ADMIN_PASSWORD},
+    }
+    budget = (
+        prof.idle_s
+        + prof.bcast_lat_s
+        + prof.bcast_sat_s
+        + 2 * prof.req_s
+        + prof.ingest_s
+        + prof.cmd_s
+        + 6 * prof.drain_s
+        + prof.connect_cap_s
+        + 15
+    )
+    lg = [
+        str(LOADGEN),
+        "--port",
+        str(port),
+        "--conns",
+        str(n),
+        "--logins",
+        str(logins),
+        "--control-login",
+        json.dumps(control, separators=(",", ":")),
+        "--server-pid",
+        str(proc.pid),
+        "--http-port",
+        str(http_port),
+        "--http-auth",
+        token,
+        "--idle-s",
+        str(prof.idle_s),
+        "--bcast-lat-s",
+        str(prof.bcast_lat_s),
+        "--bcast-count",
+        str(prof.bcast_count),
+        "--bcast-sat-s",
+        str(prof.bcast_sat_s),
+        "--req-s",
+        str(prof.req_s),
+        "--ingest-s",
+        str(prof.ingest_s),
+        "--cmd-s",
+        str(prof.cmd_s),
+        "--cmd-rate",
+        str(prof.cmd_rate),
+        "--drain-s",
+        str(prof.drain_s),
+        "--max-s",
+        f"{budget:.0f}",
+        "--connect-s",
+        str(prof.connect_cap_s),
+        "--concurrency",
+        str(CONCURRENCY),
+        "--phases",
+        t.phases,
+        "--bcast-window",
+        str(t.bcast_window),
+    ]
+    if control_port:
+        lg += ["--control-port", str(control_port)]
+    errlog = workdir / f"{run_id}.loadgen.log"
+    with errlog.open("wb") as err:
+        lgp = subprocess.Popen(
+            pin(1, lg, pin_cpus),
+            stdout=subprocess.PIPE,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=raise_nofile,
         )
-        lg = [
-            str(LOADGEN),
-            "--port",
-            str(port),
-            "--conns",
-            str(n),
-            "--logins",
-            str(logins),
-            "--control-login",
-            json.dumps(control, separators=(",", ":")),
-            "--server-pid",
-            str(proc.pid),
-            "--http-port",
-            str(port + t.http_port_offset),
-            "--http-auth",
-            token,
-            "--idle-s",
-            str(prof.idle_s),
-            "--bcast-lat-s",
-            str(prof.bcast_lat_s),
-            "--bcast-count",
-            str(prof.bcast_count),
-            "--bcast-sat-s",
-            str(prof.bcast_sat_s),
-            "--req-s",
-            str(prof.req_s),
-            "--ingest-s",
-            str(prof.ingest_s),
-            "--cmd-s",
-            str(prof.cmd_s),
-            "--cmd-rate",
-            str(prof.cmd_rate),
-            "--drain-s",
-            str(prof.drain_s),
-            "--max-s",
-            f"{budget:.0f}",
-            "--connect-s",
-            str(prof.connect_cap_s),
-            "--concurrency",
-            str(CONCURRENCY),
-            "--phases",
-            t.phases,
-            "--bcast-window",
-            str(t.bcast_window),
-        ]
-        errlog = workdir / f"{run_id}.loadgen.log"
-        with errlog.open("wb") as err:
-            lgp = subprocess.Popen(
-                pin(1, lg, pin_cpus),
-                stdout=subprocess.PIPE,
-                stderr=err,
-                stdin=subprocess.DEVNULL,
-                preexec_fn=raise_nofile,
-            )
-            try:
-                out, _ = lgp.communicate(timeout=budget + 30)
-            except subprocess.TimeoutExpired:
-                lgp.kill()
-                out, _ = lgp.communicate(timeout=10)
-            except BaseException:
-                lgp.kill()
-                lgp.wait(timeout=10)
-                raise
-        lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.startswith("{")]
-        if not lines:
-            tail = errlog.read_text(errors="replace")[-1500:]
-            raise RuntimeError(f"loadgen gave no result (rc {lgp.returncode}):\n{tail}\nserver:\n{proc.tail()}")
-        raw = json.loads(lines[-1])
-        raw["server_alive_at_end"] = proc.alive()
-        raw["loadavg_1m_at_end"] = loadavg()
+        try:
+            out, _ = lgp.communicate(timeout=budget + 30)
+        except subprocess.TimeoutExpired:
+            lgp.kill()
+            out, _ = lgp.communicate(timeout=10)
+        except BaseException:
+            lgp.kill()
+            lgp.wait(timeout=10)
+            raise
+    lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.startswith("{")]
+    if not lines:
+        tail = errlog.read_text(errors="replace")[-1500:]
+        raise RuntimeError(f"loadgen gave no result (rc {lgp.returncode}):\n{tail}\nserver:\n{proc.tail()}")
+    raw = json.loads(lines[-1])
+    raw["server_alive_at_end"] = proc.alive()
+    raw["loadavg_1m_at_end"] = loadavg()
+    return raw
+
+
+# ---------------------------------------------------------------- cross-node broadcast
+
+
+def redis_ping(port: int, timeout_s: float = 1.0) -> bool:
+    """True when a Redis on 127.0.0.1:port answers PING."""
+    with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=timeout_s) as s:
+        s.sendall(b"PING\r\n")
+        return s.recv(64).startswith(b"+PONG")
+    return False
+
+
+def wait_broker(port: int, proc: Proc, timeout_s: float = 20.0) -> None:
+    """Wait (bounded) until the node's /readyz says its store answers and its broker is connected."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
+        try:
+            last = http_json("GET", f"http://{HOST}:{port}/readyz", timeout=3.0)
+            if isinstance(last, dict) and last.get("broker") == "ok":
+                return
+        except (OSError, ValueError) as e:  # 503 while the store starts is an HTTPError (OSError)
+            last = str(e)
+        time.sleep(0.2)
+    raise RuntimeError(f"{proc.name}: broker not connected within {timeout_s:.0f}s ({last}):\n{proc.tail()}")
+
+
+def run_crossnode(base: Target, n: int, prof: Profile, workdir: Path, run_id: str, pin_cpus: bool) -> dict[str, Any]:
+    """Cross-node broadcast: a throw-away redis-server and two fleetpush nodes sharing it as broker.
+
+    The `n` devices log in on node A; the control (ops) connection logs in on node B and sends the
+    broadcasts there, so every frame a device receives crossed Redis (B publishes, A's listener
+    fans it out). Each node keeps its own embedded store: a broadcast needs no shared data.
+    Redis and both nodes share CPU 0 (the server side gets one core, as for one node); the load
+    generator is on CPU 1. Every process is stopped by its PID on the way out, also on error."""
+    redis = shutil.which("redis-server")
+    if redis is None:
+        raise RuntimeError("redis-server not found")
+    rport = free_port()
+    rproc = Proc(
+        "redis",
+        pin(0, [redis, "--port", str(rport), "--bind", HOST, "--save", "", "--appendonly", "no"], pin_cpus),
+        {k: v for k, v in os.environ.items() if not k.startswith("FLEETPUSH_")},
+        workdir / f"{run_id}.redis.log",
+    )
+    with running(rproc):
+        wait_port(rport, rproc)
+        deadline = time.monotonic() + 10
+        while not redis_ping(rport) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        nodes: list[tuple[Proc, int]] = []
+        with contextlib.ExitStack() as stack:
+            for label in ("a", "b"):
+                port = free_port()
+                env = {
+                    **base.env,
+                    "FLEETPUSH_SERVER__PORT": str(port),
+                    "FLEETPUSH_SERVER__NODE_ID": f"bench-{label}-{run_id}",
+                    "FLEETPUSH_BROKER__REDIS_URL": f"redis://{HOST}:{rport}/0",
+                    "FLEETPUSH_BROKER__CHANNEL_PREFIX": f"bench-{run_id}",
+                }
+                cmd = pin(0, [*base.cmd, "--port", str(port)], pin_cpus)
+                proc = Proc(f"fleetpush-{label}", cmd, env, workdir / f"{run_id}.node-{label}.log", cwd=base.cwd)
+                stack.enter_context(running(proc))
+                nodes.append((proc, port))
+            for proc, port in nodes:
+                wait_port(port, proc)
+                wait_broker(port, proc)
+            (a, a_port), (b, b_port) = nodes
+            t = dataclasses.replace(base, phases="broadcast")
+            raw = drive(t, n, prof, workdir, run_id, pin_cpus, a, a_port, b_port, "", control_port=b_port)
+            raw["node_b_alive_at_end"] = b.alive()
     return raw
 
 
@@ -621,6 +724,14 @@ def summarize(raw: dict[str, Any]) -> dict[str, dict[str, float | None]]:
             "devices_ready": g(raw, "devices_ready"),
         },
     }
+
+
+def summarize_crossnode(raw: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """The cross-node run's broadcast metrics, plus how many devices were there to receive them."""
+    b = summarize(raw)["broadcast"]
+    ready = raw.get("devices_ready")
+    b["devices_ready"] = float(ready) if isinstance(ready, int | float) else None
+    return {"broadcast": b}
 
 
 def median(vals: list[float | None]) -> float | None:
@@ -670,6 +781,8 @@ def tables(result: dict[str, Any]) -> str:
                 row += [ratio(vals["fleetpush"], vals[p]) for p in peers]
             out.append("| " + " | ".join(row) + " |")
         out.append("")
+    if result.get("crossnode"):
+        out += crossnode_table(result)
     if result.get("ceiling"):
         out.append("Load generator ceiling (against `bench/ceiling.c`, a trivial C server on CPU 0):\n")
         out.append("| connections | frames received/s | loadgen CPU-s per s | frames per loadgen CPU-s | replies/s |")
@@ -686,6 +799,31 @@ def tables(result: dict[str, Any]) -> str:
     if result.get("errors"):
         out.append("Runs that failed: " + "; ".join(result["errors"][:10]) + "\n")
     return "\n".join(out)
+
+
+def crossnode_table(result: dict[str, Any]) -> list[str]:
+    """The cross-node broadcast next to the same-node fleetpush broadcast of the same run."""
+    same = result["medians"].get("fleetpush", {})
+    out = [
+        f"### {CROSSNODE_TITLE} (median of {result['repeats']})\n",
+        "Devices on node A, broadcasts sent to node B's ops connection, frames cross Redis pub/sub; "
+        "same node = the fleetpush column above (same run, same connection count).\n",
+        "| connections | metric | same node | cross-node | cross ÷ same |",
+        "|---|---|---|---|---|",
+    ]
+    rows = [
+        ("deliveries_per_s", "broadcast deliveries/s (1/s)"),
+        ("latency_p50_ms", "broadcast send→last receipt p50 (ms)"),
+        ("latency_p99_ms", "broadcast send→last receipt p99 (ms)"),
+    ]
+    for n, cell in result["crossnode"].items():
+        sb = same.get(n, {}).get("broadcast", {})
+        for key, label in rows:
+            out.append(f"| {int(n):,} | {label} | {fmt(sb.get(key))} | {fmt(cell.get(key))} | "
+                       f"{ratio(cell.get(key), sb.get(key))} |")
+        ready = same.get(n, {}).get("idle", {}).get("devices_ready")
+        out.append(f"| {int(n):,} | devices logged in | {fmt(ready)} | {fmt(cell.get('devices_ready'))} | – |")
+    return [*out, ""]
 
 
 def targets_check(result: dict[str, Any]) -> list[str]:
@@ -768,7 +906,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         argv = argv[1:]
     p = argparse.ArgumentParser(prog="fleetpush bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="300 connections, ~2 s phases, one repeat (test suite)")
-    p.add_argument("--servers", default=",".join(SERVERS), help="comma list of " + ",".join(SERVERS))
+    every = ",".join((*SERVERS, CROSSNODE))
+    p.add_argument("--servers", default=every, help=f"comma list of {every} (crossnode needs redis-server)")
     p.add_argument("--conns", default="", help="comma list of connection counts (default 1000,5000,10000)")
     p.add_argument("--repeats", type=int, default=0, help="repeats per point (default 3; quick 1)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every phase duration")
@@ -822,6 +961,7 @@ def main(argv: list[str] | None = None) -> int:
         "medians": {},
         "rows": [],
         "ceiling": {},
+        "crossnode": {},
     }
     try:
         build_c(LOADGEN_SRC, LOADGEN)
@@ -848,6 +988,17 @@ def main(argv: list[str] | None = None) -> int:
         for name, why in result["skipped"].items():
             log(f"skipping {name}: {why}")
         result["servers"] = [t.name for t in tgs]
+        xbase: Target | None = None
+        if CROSSNODE in selected:
+            xtg, xskip = targets(["fleetpush"], core_dir)
+            if not xtg:
+                result["skipped"][CROSSNODE] = xskip.get("fleetpush", "fleetpush cannot run")
+            elif shutil.which("redis-server") is None:
+                result["skipped"][CROSSNODE] = "redis-server not found (apt-get install redis-server)"
+            else:
+                xbase = xtg[0]
+            if CROSSNODE in result["skipped"]:
+                log(f"skipping {CROSSNODE}: {result['skipped'][CROSSNODE]}")
         result["versions"] = versions()
         # Servers take turns within each (size, repeat): noise from other work on this shared
         # machine then lands on every server alike instead of on whichever ran during it.
@@ -868,6 +1019,20 @@ def main(argv: list[str] | None = None) -> int:
                     result["runs"].append({"server": t.name, "conns": n, "repeat": rep, "raw": raw, "summary": summ})
                     brief = summ["broadcast"]["deliveries_per_s"], summ["reqresp"]["replies_per_s"]
                     log(f"  broadcast {fmt(brief[0])}/s, reqresp {fmt(brief[1])}/s")
+                if xbase is not None:
+                    run_id = f"XN{n}r{rep}x{secrets.token_hex(2)}"
+                    log(f"{CROSSNODE}: {n} devices on node A, broadcasts sent to node B, repeat {rep + 1}")
+                    try:
+                        raw = run_crossnode(xbase, n, prof, workdir, run_id, pin_cpus)
+                    except RuntimeError as e:
+                        log(f"{CROSSNODE} {n} failed: {e}")
+                        result["errors"].append(f"{CROSSNODE}@{n}#{rep + 1}: {str(e).splitlines()[0]}")
+                        continue
+                    if raw.get("devices_ready", 0) < n:
+                        log(f"{CROSSNODE} {n}: only {raw.get('devices_ready')} devices logged in")
+                    summ = summarize_crossnode(raw)
+                    result["runs"].append({"server": CROSSNODE, "conns": n, "repeat": rep, "raw": raw, "summary": summ})
+                    log(f"  cross-node broadcast {fmt(summ['broadcast']['deliveries_per_s'])}/s")
         if not args.no_ceiling:
             build_c(CEILING_SRC, CEILING)
             ct = Target("ceiling", [str(CEILING)], dict(os.environ), phases="broadcast,reqresp", bcast_window=32)
@@ -909,6 +1074,12 @@ def main(argv: list[str] | None = None) -> int:
             for scen in SCENARIOS:
                 cell[scen] = {k: median([r[scen][k] for r in runs]) for k in runs[0][scen]}
                 result["rows"].append({"server": s, "conns": n, "scenario": scen, **cell[scen]})
+    for n in prof.sizes:
+        runs = [r["summary"] for r in result["runs"] if r["server"] == CROSSNODE and r["conns"] == n]
+        if runs:
+            cell = {k: median([r["broadcast"][k] for r in runs]) for k in runs[0]["broadcast"]}
+            result["crossnode"][str(n)] = cell
+            result["rows"].append({"server": CROSSNODE, "conns": n, "scenario": "broadcast", **cell})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(result, indent=1))

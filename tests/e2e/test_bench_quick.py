@@ -9,12 +9,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ("broadcast", "reqresp", "ingest", "command", "idle")
 PEERS = ("node", "aiohttp", "websockets")
+CROSSNODE_TITLE = "cross-node broadcast (2 nodes over Redis)"
 
 missing = [tool for tool in ("gcc", "node") if shutil.which(tool) is None]
 pytestmark = pytest.mark.skipif(
@@ -27,9 +29,10 @@ def core_landed() -> bool:
     return (ROOT / "core" / "__main__.py").exists()
 
 
-@pytest.mark.timeout(600)
-def test_bench_quick_has_a_numeric_row_per_server_and_scenario(tmp_path: Path) -> None:
-    out = tmp_path / "results"
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    """One `--quick` run shared by the tests below: its JSON result and its markdown."""
+    out = tmp_path_factory.mktemp("bench") / "results"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(out)],
         cwd=ROOT,
@@ -38,8 +41,12 @@ def test_bench_quick_has_a_numeric_row_per_server_and_scenario(tmp_path: Path) -
         timeout=540,
     )
     assert proc.returncode == 0, f"bench exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
-    result = json.loads((out / "latest.json").read_text())
-    md = (out / "latest.md").read_text()
+    return json.loads((out / "latest.json").read_text()), (out / "latest.md").read_text()
+
+
+@pytest.mark.timeout(600)
+def test_bench_quick_has_a_numeric_row_per_server_and_scenario(quick_run: tuple[dict[str, Any], str]) -> None:
+    result, md = quick_run
 
     servers = [*PEERS, "fleetpush"] if core_landed() else list(PEERS)
     assert set(servers) <= set(result["servers"]), result["skipped"]
@@ -60,3 +67,23 @@ def test_bench_quick_has_a_numeric_row_per_server_and_scenario(tmp_path: Path) -
         assert run["raw"]["devices_ready"] == run["conns"], (run["server"], run["raw"])
     assert result["ceiling"], "load generator ceiling missing"
     assert all(c["received_frames_per_s"] > 0 for c in result["ceiling"].values())
+
+
+@pytest.mark.timeout(600)
+def test_bench_quick_has_the_cross_node_broadcast_row(quick_run: tuple[dict[str, Any], str]) -> None:
+    if not core_landed():
+        pytest.skip("core/__main__.py not there yet: no fleetpush nodes to cluster")
+    if shutil.which("redis-server") is None and os.environ.get("CI") != "true":
+        pytest.skip("redis-server is not installed (apt-get install redis-server): no cross-node scenario")
+    result, md = quick_run
+    assert "crossnode" not in result["skipped"], result["skipped"]
+    rows = [r for r in result["rows"] if r["server"] == "crossnode" and r["scenario"] == "broadcast"]
+    assert len(rows) == 1, rows
+    for name in ("deliveries_per_s", "latency_p50_ms", "latency_p99_ms"):
+        value = rows[0][name]
+        assert isinstance(value, int | float) and math.isfinite(value) and value > 0, (name, value)
+    # Every device on node A got the broadcasts sent through node B.
+    assert rows[0]["devices_ready"] == rows[0]["conns"], rows[0]
+    assert CROSSNODE_TITLE in md, md
+    section = md.split(CROSSNODE_TITLE, 1)[1].splitlines()
+    assert any(line.startswith("| ") and "deliveries/s" in line for line in section), section
