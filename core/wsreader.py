@@ -16,10 +16,12 @@ from .wsframes import Binary, Close, Fail, FrameParser, Ping, Pong, Text
 __all__ = ["READ_CHUNK", "BatchedProtocol"]
 
 READ_CHUNK = 65536
-# As Tornado's reader: reads of data that has already arrived do not return to the IOLoop, so
-# after this much work (bytes, each event counting as _EVENT_COST) the loop is yielded to.
-_YIELD_THRESHOLD = 256 * 1024
-_EVENT_COST = 1024
+# Reads of data that has already arrived, and handlers that finish without suspending, do not
+# return to the IOLoop; so after this many events or bytes the reader yields to it. Tornado's reader
+# runs each on_message as a Task and so gives every connection one message per IOLoop iteration;
+# a larger quantum here would let a pipelining client add its whole batch to everyone else's latency.
+_YIELD_EVENTS = 8
+_YIELD_BYTES = 256 * 1024
 
 
 class BatchedProtocol(WebSocketProtocol13):
@@ -30,6 +32,8 @@ class BatchedProtocol(WebSocketProtocol13):
     with a close frame (1002, 1007 or 1009) before the socket is dropped; a coroutine returned by
     `on_message`/`on_pong` is awaited inline (no Task per message), still one message at a time.
     """
+
+    yield_events = _YIELD_EVENTS  # events handled between two yields to the IOLoop
 
     def __init__(self, handler: _WebSocketDelegate, mask_outgoing: bool, params: _WebSocketParams) -> None:
         if mask_outgoing:
@@ -58,10 +62,15 @@ class BatchedProtocol(WebSocketProtocol13):
         assert stream is not None
         parser = self.parser
         handler = self.handler
+        yield_events = self.yield_events
         try:
             work = 0
+            events_since = 0
             while not self.client_terminated:
-                data = await stream.read_bytes(READ_CHUNK, partial=True)
+                pending = stream.read_bytes(READ_CHUNK, partial=True)
+                if isinstance(pending, asyncio.Future) and not pending.done():
+                    events_since = work = 0  # this read returns to the IOLoop anyway
+                data = await pending
                 self._wire_bytes_in += len(data)
                 work += len(data)
                 before = parser.message_bytes
@@ -99,12 +108,12 @@ class BatchedProtocol(WebSocketProtocol13):
                     elif isinstance(ev, Fail):
                         self.close(ev.close_code, ev.reason)
                         self._abort()
-                    work += _EVENT_COST
-                    if work >= _YIELD_THRESHOLD:
-                        work = 0
+                    events_since += 1
+                    if events_since >= yield_events:
+                        events_since = work = 0
                         await asyncio.sleep(0)
-                if work >= _YIELD_THRESHOLD:
-                    work = 0
+                if work >= _YIELD_BYTES:
+                    events_since = work = 0
                     await asyncio.sleep(0)
         except StreamClosedError:
             self._abort()

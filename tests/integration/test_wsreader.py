@@ -35,6 +35,7 @@ class EchoServer:
     closed: asyncio.Queue[tuple[int | None, str | None]] = field(default_factory=asyncio.Queue)
     errors: list[BaseException] = field(default_factory=list)
     protocols: list[str] = field(default_factory=list)
+    handled_before_calm: int | None = None
 
 
 class Echo(WebSocketHandler):
@@ -65,7 +66,12 @@ class Echo(WebSocketHandler):
                 raise RuntimeError("handler failed")
             if message.startswith("yield:"):
                 await asyncio.sleep(0)  # a real suspension: the next message must still wait for this one
+            if message == "calm":
+                srv.handled_before_calm = srv.handled
             srv.handled += 1
+            if message.startswith("nowait:"):
+                self.write_message(message)  # a handler that never suspends
+                return
             await self.write_message(message)
         finally:
             srv.active -= 1
@@ -142,6 +148,21 @@ async def test_pipelined_with_the_websockets_client(srv: EchoServer) -> None:
         assert await asyncio.wait_for(ws.recv(), 5) == big
     assert await closed(srv) == (1000, None)
     assert srv.max_active == 1
+
+
+async def test_a_pipelining_client_does_not_hold_the_ioloop(srv: EchoServer) -> None:
+    flood = await RawSocket.connect(srv.port)
+    calm = await RawSocket.connect(srv.port)
+    n = 3000
+    flood.writer.write(b"".join(masked(0x1, b"nowait:%d" % i) for i in range(n)))  # arrives as one or two reads
+    calm.send_frame(0x1, b"calm")
+    assert await calm.read_frame() == (0x1, b"calm")
+    # Served after a few of the flood's messages (BatchedProtocol.yield_events), not after all of them.
+    assert srv.handled_before_calm is not None and srv.handled_before_calm < n // 2, srv.handled_before_calm
+    for i in range(n):
+        assert await flood.read_frame() == (0x1, b"nowait:%d" % i)
+    flood.close()
+    calm.close()
 
 
 async def test_pings_are_answered_and_reported(srv: EchoServer) -> None:
