@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import codecs
 import logging
-import struct
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,8 +17,6 @@ from .context import Deps, ServerContext
 from .errors import (
     CLOSE_GOING_AWAY,
     CLOSE_HEARTBEAT,
-    CLOSE_INVALID_DATA,
-    CLOSE_PROTOCOL_ERROR,
     CLOSE_REPLACED,
     CLOSE_SLOW_CONSUMER,
     CLOSE_UNAUTHORIZED,
@@ -28,68 +24,11 @@ from .errors import (
     Disconnect,
 )
 from .registry import ServerRules
+from .wsreader import BatchedProtocol
 
 log = logging.getLogger("fleetpush.transport")
 
 _OFFLINE_REASON = {CLOSE_HEARTBEAT: "heartbeat_timeout", CLOSE_REPLACED: "replaced", CLOSE_GOING_AWAY: "shutdown"}
-
-
-def _valid_close_code(code: int) -> bool:
-    # RFC 6455 §7.4: codes a peer may send in a close frame.
-    return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014) or 3000 <= code <= 4999
-
-
-class _Protocol(WebSocketProtocol13):
-    """Tornado's RFC 6455 protocol, answering invalid UTF-8 with 1007 and bad close frames with 1002."""
-
-    _utf8: codecs.IncrementalDecoder | None = None
-    _utf8_seen = 0
-
-    async def _receive_frame(self) -> None:
-        await super()._receive_frame()
-        # A fragmented text message is checked frame by frame, so invalid UTF-8 fails the
-        # connection as soon as its frame arrives (RFC 6455 §8.1, Autobahn 6.4.x) rather than
-        # after the peer has sent (and we have buffered) the rest of the message.
-        buf = self._fragmented_message_buffer
-        if buf is None or getattr(self, "_fragmented_message_opcode", None) != 0x1:
-            self._utf8 = None
-            return
-        if self._utf8 is None:
-            self._utf8 = codecs.getincrementaldecoder("utf-8")()
-            self._utf8_seen = 0
-        try:
-            self._utf8.decode(bytes(buf[self._utf8_seen :]), final=False)
-        except UnicodeDecodeError:
-            self._utf8 = None
-            self.close(CLOSE_INVALID_DATA, "invalid UTF-8")
-            self._abort()
-            return
-        self._utf8_seen = len(buf)
-
-    def _handle_message(self, opcode: int, data: bytes) -> Any:
-        if self.client_terminated:
-            return None
-        if opcode == 0x1:
-            try:
-                data.decode("utf-8")
-            except UnicodeDecodeError:
-                self.close(CLOSE_INVALID_DATA, "invalid UTF-8")
-                self._abort()
-                return None
-        elif opcode == 0x8:
-            bad = len(data) == 1
-            if len(data) >= 2:
-                code = struct.unpack(">H", data[:2])[0]
-                try:
-                    data[2:].decode("utf-8")
-                except UnicodeDecodeError:
-                    bad = True
-                bad = bad or not _valid_close_code(code)
-            if bad:
-                self.client_terminated = True
-                self.close(CLOSE_PROTOCOL_ERROR, "invalid close frame")
-                return None
-        return super()._handle_message(opcode, data)
 
 
 class Gateway:
@@ -164,12 +103,12 @@ class FleetSocket(WebSocketHandler):
         await super().get(*args, **kwargs)
 
     def get_websocket_protocol(self) -> WebSocketProtocol13 | None:
-        """Our protocol subclass (strict UTF-8 and close-code handling)."""
+        """Tornado's RFC 6455 protocol with the batched reader (core.wsreader); strict UTF-8 and close codes."""
         if self.request.headers.get("Sec-WebSocket-Version") != "13":
             return None
         # Pings and their timeout are ours (Gateway.sweep), so Tornado's own are off.
         params = _WebSocketParams(max_message_size=self.max_message_size, compression_options=None)
-        return _Protocol(self, False, params)
+        return BatchedProtocol(self, False, params)
 
     def check_origin(self, origin: str) -> bool:
         """Exact allowlist match, or the server's own host; anything else gets 403."""

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from fleetkit import ADMIN_PASSWORD, FLEET_SECRET
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +28,7 @@ def free_port() -> int:
 
 
 def wait_until(check: object, timeout: float, what: str) -> None:
-    """Poll another process's observable state until `check()` is truthy (there is nothing to await across processes)."""
+    """Poll another process's state until `check()` is truthy (nothing can be awaited across processes)."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:

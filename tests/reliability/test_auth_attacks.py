@@ -116,7 +116,9 @@ async def test_a_device_cannot_report_or_log_in_as_another(core: Core) -> None:
 
 async def test_brute_force_over_http_and_ws_shares_one_throttle(core_factory: Callable[..., Any]) -> None:
     clock = ManualClock(start=time.time())
-    core = await core_factory(make_settings(heartbeat={"timeout_s": 10_000, "interval_s": 5_000}), clock=clock)
+    # The anonymous WS connection must outlive the 61 s jump below: no login deadline, no heartbeat cut.
+    settings = make_settings(heartbeat={"timeout_s": 10_000, "interval_s": 5_000}, auth={"login_timeout_s": 10_000})
+    core = await core_factory(settings, clock=clock)
     ws = await core.client()
     async with httpx.AsyncClient(base_url=core.http_url, timeout=5) as http:
         for i in range(3):

@@ -2,7 +2,7 @@
 
 Two runs against a live core on 127.0.0.1:
 
-1. The framing run: the core's own handshake, protocol class (`core.transport._Protocol`), hub
+1. The framing run: the core's own handshake, protocol class (`core.wsreader.BatchedProtocol`), hub
    registration and close paths, with `on_message` swapped for an echo, because Autobahn judges a
    server by what it echoes. Every case must be OK, except the few listed in FRAMING_NOT_OK.
 2. The contract run: the untouched /ws handler. fleetpush is not an echo service, so a case that
@@ -34,10 +34,6 @@ EXCLUDE = ["9.*", "12.*", "13.*"]
 
 # Case -> why it is not OK in the framing run. Both still count as passed for Autobahn.
 FRAMING_NOT_OK: dict[str, tuple[str, str]] = {
-    "6.4.3": ("NON-STRICT", "invalid UTF-8 is detected per frame, not per TCP chunk inside one frame "
-                            "(Tornado reads a frame's payload whole); the frame is bounded by "
-                            "limits.max_message_bytes and the close is still 1007"),
-    "6.4.4": ("NON-STRICT", "as 6.4.3, with the frame delivered octet by octet"),
     "7.1.6": ("INFORMATIONAL", "the 256 KiB message is over limits.max_message_bytes (closed 1009); what "
                                "happens to frames after a close is left open by RFC 6455"),
     "7.13.1": ("INFORMATIONAL", "close code 5000 is outside every RFC 6455 range; we answer 1002"),
