@@ -187,7 +187,7 @@ class FleetSocket(WebSocketHandler):
             return
         g = self.gateway
         conn.touch()
-        g.deps.metrics.frames_in.inc()
+        g.deps.metrics.frames_in += 1
         if isinstance(message, bytes):
             conn.close(CLOSE_UNSUPPORTED, "binary frames are not supported")
             return
