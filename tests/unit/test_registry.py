@@ -40,6 +40,20 @@ async def boom(ctx: ServerContext, a: Echo) -> dict[str, Any]:
     raise RuntimeError("kaboom")
 
 
+async def waits(ctx: ServerContext, a: Echo) -> dict[str, Any]:
+    # Suspends several times (real I/O does), then answers: the reply must be the handler's.
+    fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(fut.set_result, a.n * 2)
+    doubled = await fut
+    await asyncio.sleep(0)
+    return {"n": doubled, "tag": a.tag}
+
+
+async def waits_then_boom(ctx: ServerContext, a: Echo) -> dict[str, Any]:
+    await asyncio.sleep(0)
+    raise RuntimeError("late kaboom")
+
+
 class NullSink:
     def write_frames(self, data: bytes) -> None:
         return None
@@ -64,6 +78,9 @@ def env() -> Any:
             rule("/t/operator", echo, Echo, "operator"),
             rule("/t/hang", hang, Echo, "none"),
             rule("/t/boom", boom, Echo, "none"),
+            rule("/t/waits", waits, Echo, "none"),
+            rule("/t/late-boom", waits_then_boom, Echo, "none"),
+            rule("/t/hang-forever", hang, Echo, "none"),
         ],
         app.deps,
     )
@@ -120,6 +137,23 @@ async def test_access_is_checked_before_validation(env: Any) -> None:
     call, _, _ = env
     r = await call("/t/operator", {"n": "garbage"})
     assert r["code"] == 401  # an anonymous caller learns nothing about the schema
+
+
+async def test_handlers_that_suspend_get_their_own_reply(env: Any) -> None:
+    call, _, _ = env
+    r = await call("/t/waits", {"n": 4, "tag": "io"})
+    assert r["code"] == 0 and r["values"] == {"n": 8, "tag": "io"}
+    r = await call("/t/late-boom", {"n": 1})
+    assert r["code"] == 500
+
+
+async def test_an_outside_cancel_still_reaches_a_suspended_handler(env: Any) -> None:
+    call, _, _ = env
+    task = asyncio.ensure_future(call("/t/hang-forever", {"n": 1}))
+    await asyncio.sleep(0)  # let it reach its first suspension
+    task.cancel()  # e.g. the connection's task is torn down at shutdown
+    with pytest.raises(asyncio.CancelledError):
+        await task
 
 
 async def test_timeout_is_504(env: Any) -> None:
