@@ -424,10 +424,6 @@ class Store:
                 lambda: self.devices.bulk_write([UpdateOne(f, u) for f, u in ops], ordered=False),
             )
 
-    async def touch(self, sn: str, now: datetime) -> None:
-        """Move a device's last_seen forward."""
-        await self._call("touch", lambda: self.devices.update_one({"_id": sn}, {"$set": {"last_seen": now}}))
-
     async def history(
         self, sn: str, since: datetime | None, until: datetime | None, limit: int
     ) -> list[Doc]:
@@ -586,7 +582,3 @@ class Store:
         )
         return [d for d in (_aware(doc) for doc in docs) if d is not None]
 
-
-def days_ago(now: datetime, days: float) -> datetime:
-    """`now` minus a number of days."""
-    return now - timedelta(days=days)

@@ -7,7 +7,6 @@ import logging
 from typing import Any
 from urllib.parse import urlsplit
 
-from tornado import httputil
 from tornado.websocket import WebSocketHandler, WebSocketProtocol13, _WebSocketParams
 
 from . import protocol
@@ -194,7 +193,7 @@ class FleetSocket(WebSocketHandler):
         try:
             req = g.decoder.decode(message)
         except protocol.ProtocolError as exc:
-            conn.send(protocol.text_frame(protocol.response(exc.service, exc.request_id, None, exc.code, exc.msg)))
+            g.deps.push.reply(conn, protocol.response(exc.service, exc.request_id, None, exc.code, exc.msg))
             return
         ctx = ServerContext(conn, req, g.deps)
         try:
@@ -202,7 +201,7 @@ class FleetSocket(WebSocketHandler):
         except Disconnect as exc:
             conn.close(exc.code, exc.reason)
             return
-        conn.send(protocol.text_frame(payload))
+        g.deps.push.reply(conn, payload)
         for fn in ctx.after:
             try:
                 await fn()
@@ -242,7 +241,3 @@ class FleetSocket(WebSocketHandler):
         """Unexpected errors are logged with the connection, never with message contents."""
         log.error("websocket handler error on %s", self.conn.id if self.conn else "?", exc_info=(typ, value, tb))
 
-
-def remote_of(request: httputil.HTTPServerRequest) -> str:
-    """The client's address as logged."""
-    return str(request.remote_ip)
