@@ -10,7 +10,7 @@ from . import protocol
 from .broker import Broker, Delivery, Target
 from .connection import Connection
 from .hub import Hub
-from .metrics import Metrics
+from .metrics import Children, Metrics
 
 log = logging.getLogger("fleetpush.push")
 
@@ -23,22 +23,9 @@ class Pusher:
         self.broker = broker
         self.metrics = metrics
         self._mono = clock_mono
-        self._ok: dict[str, Any] = {}
-        self._lat: dict[str, Any] = {}
+        self._success = Children(metrics.push_success)
+        self._latency = Children(metrics.push_latency)
         broker.bind(self.deliver_local)
-
-    def _success(self, service: str) -> Any:
-        # Cached children: labels() locks and hashes on every call, and this runs per push.
-        child = self._ok.get(service)
-        if child is None:
-            child = self._ok[service] = self.metrics.push_success.labels(service)
-        return child
-
-    def _latency(self, service: str) -> Any:
-        child = self._lat.get(service)
-        if child is None:
-            child = self._lat[service] = self.metrics.push_latency.labels(service)
-        return child
 
     def deliver_local(self, target: Target, service: str, frame: bytes) -> Delivery:
         """Queue an already framed push on this node's matching connections."""
@@ -52,7 +39,7 @@ class Pusher:
                 queued += 1
         failed = len(conns) - queued
         if queued:
-            self._success(service).inc(queued)
+            self._success.get(service).inc(queued)
         if failed:
             self.metrics.push_failure.labels(service, "queue_full_or_closed").inc(failed)
         return Delivery(matched=len(conns), queued=queued)
@@ -79,7 +66,7 @@ class Pusher:
         try:
             return await self.broker.publish(target, service, frame, counts)
         finally:
-            self._latency(service).observe(max(0.0, self._mono() - start))
+            self._latency.get(service).observe(max(0.0, self._mono() - start))
 
     async def broadcast(self, service: str, values: Any) -> Delivery:
         """Every authenticated connection."""
@@ -105,5 +92,5 @@ class Pusher:
         """Local connections whose session satisfies `predicate` (BroadcastByCondition)."""
         start = self._mono()
         result = self._fan_out(self.hub.where(predicate), service, self.frame(service, values))
-        self.metrics.push_latency.labels(service).observe(max(0.0, self._mono() - start))
+        self._latency.get(service).observe(max(0.0, self._mono() - start))
         return result

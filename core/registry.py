@@ -14,6 +14,7 @@ from . import protocol
 from .auth import role_allows
 from .context import Deps, ServerContext
 from .errors import CLOSE_RATE_LIMIT, Disconnect, ServiceError
+from .metrics import Children
 from .protocol import Request
 
 log = logging.getLogger("fleetpush.registry")
@@ -86,23 +87,14 @@ class ServerRules:
         self.deps = deps
         self._timeout = deps.settings.limits.handler_timeout_s
         self._abuse = deps.settings.limits.rate_abuse_replies
-        # prometheus-client's labels() takes a lock and builds a key on every call; the hot path
-        # keeps the children it has seen.
-        self._count_children: dict[tuple[str, int], Any] = {}
-        self._latency_children: dict[str, Any] = {}
+        self._requests = Children(deps.metrics.requests)
+        self._latency = Children(deps.metrics.handler_latency)
 
     def _observe(self, service: str, code: int, elapsed: float) -> None:
         known = service in self.rules
-        key = (service if known else "unknown", code)
-        counter = self._count_children.get(key)
-        if counter is None:
-            counter = self._count_children[key] = self.deps.metrics.requests.labels(key[0], str(code))
-        counter.inc()
+        self._requests.get(service if known else "unknown", str(code)).inc()
         if known:
-            hist = self._latency_children.get(service)
-            if hist is None:
-                hist = self._latency_children[service] = self.deps.metrics.handler_latency.labels(service)
-            hist.observe(elapsed)
+            self._latency.get(service).observe(elapsed)
 
     def _check_access(self, ctx: ServerContext, access: Access) -> None:
         conn = ctx.conn
