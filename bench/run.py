@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -636,6 +637,20 @@ def wait_broker(port: int, proc: Proc, timeout_s: float = 20.0) -> None:
     raise RuntimeError(f"{proc.name}: broker not connected within {timeout_s:.0f}s ({last}):\n{proc.tail()}")
 
 
+def node_broker(port: int) -> str:
+    """The node's broker state from /readyz (`ok`, `degraded`), or why it could not be read."""
+    try:
+        body = http_json("GET", f"http://{HOST}:{port}/readyz", timeout=3.0)
+    except urllib.error.HTTPError as e:  # 503 while not ready still carries the JSON body
+        with contextlib.suppress(OSError, ValueError):
+            body = json.loads(e.read() or b"null")
+            return f"{body.get('broker')} (HTTP {e.code})" if isinstance(body, dict) else f"HTTP {e.code}"
+        return f"HTTP {e.code}"
+    except (OSError, ValueError) as e:
+        return f"unreadable: {e}"
+    return str(body.get("broker")) if isinstance(body, dict) else repr(body)
+
+
 def run_crossnode(base: Target, n: int, prof: Profile, workdir: Path, run_id: str, pin_cpus: bool) -> dict[str, Any]:
     """Cross-node broadcast: a throw-away redis-server and two fleetpush nodes sharing it as broker.
 
@@ -681,6 +696,15 @@ def run_crossnode(base: Target, n: int, prof: Profile, workdir: Path, run_id: st
             t = dataclasses.replace(base, phases="broadcast")
             raw = drive(t, n, prof, workdir, run_id, pin_cpus, a, a_port, b_port, "", control_port=b_port)
             raw["node_b_alive_at_end"] = b.alive()
+            # What each node thought of its broker when the load ended: a zero here is then
+            # explained in the result (degraded broker, a node that died) instead of only counted.
+            raw["brokers_at_end"] = {label: node_broker(port) for label, (_, port) in zip("ab", nodes, strict=True)}
+            if not (raw.get("broadcast") or {}).get("deliveries_per_s"):
+                raw["diagnostics"] = {
+                    "loadgen": (workdir / f"{run_id}.loadgen.log").read_text(errors="replace")[-2000:],
+                    **{f"node_{label}": proc.tail(25) for label, (proc, _) in zip("ab", nodes, strict=True)},
+                    "redis": rproc.tail(10),
+                }
     return raw
 
 

@@ -31,6 +31,30 @@ NodeLostHandler = Callable[[str], Awaitable[None]]
 ReconnectHandler = Callable[[], Awaitable[None]]
 
 _REPLY_WAIT_S = 0.5
+_POOL_SIZE = 32
+
+
+class _Tally:
+    """Delivery counts other nodes reported for one push of this node's, until all are in."""
+
+    __slots__ = ("done", "expected", "got")
+
+    def __init__(self) -> None:
+        self.expected = -1  # unknown until PUBLISH says how many nodes heard the push
+        self.got: list[Delivery] = []
+        self.done = asyncio.get_running_loop().create_future()
+
+    def add(self, d: Delivery) -> None:
+        self.got.append(d)
+        self._check()
+
+    def expect(self, n: int) -> None:
+        self.expected = n
+        self._check()
+
+    def _check(self) -> None:
+        if 0 <= self.expected <= len(self.got) and not self.done.done():
+            self.done.set_result(None)
 
 
 class RedisBroker:
@@ -44,21 +68,34 @@ class RedisBroker:
         self.channel = f"{p}:bus"
         self._nodes_key = f"{p}:nodes"
         self._alive_prefix = f"{p}:alive:"
+        # Each node hears other nodes' delivery counts for its own pushes on its own reply channel,
+        # on the subscription it already holds: no pooled connection sits in a BLPOP per push.
+        self._reply_channel = f"{p}:reply:{node_id}"
         self._reply_prefix = f"{p}:reply:"
-        # A pooled connection from before a Redis restart fails on first use; one quick retry
-        # on a fresh connection turns that into success instead of a spurious drop.
-        self._redis = aioredis.Redis.from_url(
+        self._tallies: dict[str, _Tally] = {}
+        # A bounded pool that makes a burst wait for a free connection (up to 2 s) instead of failing
+        # with MaxConnectionsError: 300 devices dropping at once publish 300 presence pushes together.
+        # A pooled connection from before a Redis restart fails on first use; one quick retry on a
+        # fresh connection turns that into success instead of a spurious drop.
+        pool = aioredis.BlockingConnectionPool.from_url(
             settings.redis_url,
+            max_connections=_POOL_SIZE,
+            timeout=2.0,
             socket_timeout=2.0,
             socket_connect_timeout=2.0,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
+        self._redis = aioredis.Redis.from_pool(pool)
         self._deliver: LocalDeliver | None = None
         self._control: ControlHandler | None = None
         self._node_lost: NodeLostHandler | None = None
         self._reconnected: ReconnectHandler | None = None
         self._was_connected = False
+        # True while the listener holds a live subscription; a failed publish or heartbeat marks the
+        # broker degraded, and the next heartbeat that succeeds while subscribed clears it again
+        # (otherwise one timeout under load would silence cross-node pushes until a restart).
+        self._subscribed = False
         self._tasks: list[asyncio.Task[None]] = []
         self.degraded = True
         self.connected = asyncio.Event()
@@ -119,36 +156,30 @@ class RedisBroker:
             return result
         push_id = uuid.uuid4().hex
         header = {"k": "push", "o": self.node_id, "id": push_id, "t": target.to_json(), "s": service, "r": counts}
+        # Registered before publishing: a fast node's count can arrive before PUBLISH returns here.
+        tally = _Tally() if counts else None
+        if tally is not None:
+            self._tallies[push_id] = tally
         try:
             receivers = int(await self._redis.publish(self.channel, _pack(header, frame)))
+            if tally is not None:
+                tally.expect(receivers - 1)  # every node, this one included, listens on the bus
+                try:
+                    async with asyncio.timeout(_REPLY_WAIT_S):
+                        await tally.done
+                except TimeoutError:
+                    log.debug("cross-node counts for %s incomplete: %d of %d", push_id, len(tally.got),
+                              tally.expected)
+                for reply in tally.got:
+                    result.add(reply)
         except (RedisError, OSError) as exc:
             self.metrics.broker_dropped.inc()
             log.warning("cross-node push %s not published: %s", service, type(exc).__name__)
             self._set_degraded(True)
-            return result
-        others = receivers - 1  # every node, this one included, listens on the bus
-        if counts and others > 0:
-            for reply in await self._collect(push_id, others):
-                result.add(reply)
+        finally:
+            if tally is not None:
+                self._tallies.pop(push_id, None)
         return result
-
-    async def _collect(self, push_id: str, expected: int) -> list[Delivery]:
-        key = self._reply_prefix + push_id
-        out: list[Delivery] = []
-        deadline = time.monotonic() + _REPLY_WAIT_S
-        try:
-            while len(out) < expected:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                item = await self._redis.blpop([key], timeout=max(0.01, left))
-                if item is None:
-                    break
-                data = json.loads(item[1])
-                out.append(Delivery(int(data["m"]), int(data["q"])))
-        except (RedisError, OSError) as exc:
-            log.warning("cross-node counts incomplete: %s", type(exc).__name__)
-        return out
 
     async def send_control(self, kind: str, data: dict[str, Any]) -> bool:
         """Tell every other node something (e.g. evict a device that logged in here); False if not sent."""
@@ -170,7 +201,8 @@ class RedisBroker:
         while not self._stopping:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self.channel)
+                await pubsub.subscribe(self.channel, self._reply_channel)
+                self._subscribed = True
                 self._set_degraded(False)
                 delay = 0.2
                 if self._was_connected and self._reconnected is not None:
@@ -178,12 +210,17 @@ class RedisBroker:
                 self._was_connected = True
                 while not self._stopping:
                     msg = await pubsub.get_message(timeout=1.0)
-                    if msg is not None and msg.get("type") == "message":
+                    if msg is None or msg.get("type") != "message":
+                        continue
+                    if msg.get("channel") == self._reply_channel.encode():
+                        self._on_counts(msg["data"])
+                    else:
                         await self._handle(msg["data"])
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
                 log.debug("broker listener lost Redis: %s", exc)
+                self._subscribed = False
                 self._set_degraded(True)
                 await asyncio.sleep(delay)  # reconnect backoff
                 delay = min(delay * 2, 5.0)
@@ -191,6 +228,7 @@ class RedisBroker:
                 log.exception("broker listener failed; restarting it")
                 await asyncio.sleep(delay)
             finally:
+                self._subscribed = False
                 try:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
                 except (RedisError, OSError):
@@ -218,19 +256,25 @@ class RedisBroker:
             res = self._deliver(Target.from_json(header["t"]), header["s"], frame)
             if not header.get("r"):
                 return
-            key = self._reply_prefix + header["id"]
+            counts = json.dumps({"id": header["id"], "m": res.matched, "q": res.queued, "n": self.node_id})
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    pipe.rpush(key, json.dumps({"m": res.matched, "q": res.queued, "n": self.node_id}))
-                    pipe.expire(key, 10)
-                    await pipe.execute()
+                await self._redis.publish(self._reply_prefix + str(header.get("o")), counts)
             except (RedisError, OSError):
-                pass
+                pass  # the origin then reports what it could count: it never waits past _REPLY_WAIT_S
         elif self._control is not None and isinstance(kind, str):
             try:
                 await self._control(kind, header.get("d") or {})
             except Exception:
                 log.exception("control message %s failed", kind)
+
+    def _on_counts(self, raw: bytes) -> None:
+        try:
+            data = json.loads(raw)
+            tally = self._tallies.get(str(data["id"]))
+            if tally is not None:  # else the push already gave up waiting
+                tally.add(Delivery(int(data["m"]), int(data["q"])))
+        except (ValueError, KeyError, TypeError):
+            log.warning("malformed cross-node counts ignored")
 
     # ---------------------------------------------------------------- node liveness
 
@@ -245,6 +289,8 @@ class RedisBroker:
                     pipe.set(self._alive_prefix + self.node_id, str(time.time()), px=ttl_ms)
                     pipe.sadd(self._nodes_key, self.node_id)
                     await pipe.execute()
+                if self._subscribed:
+                    self._set_degraded(False)
                 for member in await self._redis.smembers(self._nodes_key):
                     node = member.decode() if isinstance(member, bytes) else str(member)
                     if node == self.node_id or await self._redis.exists(self._alive_prefix + node):

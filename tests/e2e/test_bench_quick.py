@@ -79,9 +79,14 @@ def test_bench_quick_has_the_cross_node_broadcast_row(quick_run: tuple[dict[str,
     assert "crossnode" not in result["skipped"], result["skipped"]
     rows = [r for r in result["rows"] if r["server"] == "crossnode" and r["scenario"] == "broadcast"]
     assert len(rows) == 1, rows
+    # On failure, show what the run saw: the load generator's broadcast numbers, each node's broker
+    # state at the end, and (for a zero) the tails of the node, Redis and load generator logs.
+    raw = next(r["raw"] for r in result["runs"] if r["server"] == "crossnode")
+    seen = {k: raw.get(k) for k in ("broadcast", "brokers_at_end", "control_close_code", "diagnostics")}
     for name in ("deliveries_per_s", "latency_p50_ms", "latency_p99_ms"):
         value = rows[0][name]
-        assert isinstance(value, int | float) and math.isfinite(value) and value > 0, (name, value)
+        assert isinstance(value, int | float) and math.isfinite(value) and value > 0, (name, value, seen)
+    assert raw["brokers_at_end"] == {"a": "ok", "b": "ok"}, seen
     # Every device on node A got the broadcasts sent through node B.
     assert rows[0]["devices_ready"] == rows[0]["conns"], rows[0]
     assert CROSSNODE_TITLE in md, md

@@ -14,7 +14,9 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from conftest import Core, make_settings
+from redis.exceptions import ConnectionError as RedisConnectionError
 
+from core.broker import Target
 from core.redis_broker import RedisBroker
 
 REDIS = shutil.which("redis-server")
@@ -219,3 +221,49 @@ async def test_redis_outage_is_survived_and_counted(core_factory: Callable[..., 
         assert r.json() == {"matched": 2, "queued": 2}
         assert (await dev_b.push("y"))["values"] == 2
         assert (await http.get("/readyz")).json()["broker"] == "ok"
+
+
+async def test_one_failed_publish_does_not_silence_cross_node_pushes(core_factory: Callable[..., Any],
+                                                                    redis_server: RedisProcess,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Redis stays up: one publish fails (a timeout on a loaded machine, a reset pooled socket), the
+    # listener keeps its subscription. The node must report degraded for that moment, then recover
+    # on its own, not drop every later cross-node push until it is restarted.
+    a, b = await cluster(core_factory, redis_server.url)
+    dev_a = await a.device("RET-A", "retail")
+    broker_b = b.app.deps.push.broker
+    assert isinstance(broker_b, RedisBroker)
+    real_publish = broker_b._redis.publish
+    failures = [RedisConnectionError("injected: connection reset")]
+
+    async def flaky_publish(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await real_publish(*args, **kwargs)
+
+    monkeypatch.setattr(broker_b._redis, "publish", flaky_publish)
+    async with api(b) as http:
+        r = await http.post("/api/v1/broadcasts", json={"service": "lost", "message": 1, "target": {"type": "retail"}})
+        assert r.json() == {"matched": 0, "queued": 0}  # the device is on A: nothing crossed, and it says so
+        assert broker_b.degraded and (await http.get("/readyz")).json()["broker"] == "degraded"
+        await asyncio.wait_for(broker_b.connected.wait(), 5)  # the next heartbeat finds Redis fine
+        assert (await http.get("/readyz")).json()["broker"] == "ok"
+        r = await http.post("/api/v1/broadcasts", json={"service": "back", "message": 2, "target": {"type": "retail"}})
+        assert r.json() == {"matched": 1, "queued": 1}
+    assert (await dev_a.push("back"))["values"] == 2
+
+
+async def test_a_burst_of_pushes_larger_than_the_redis_pool_all_cross(core_factory: Callable[..., Any],
+                                                                     redis_server: RedisProcess) -> None:
+    # 300 devices dropping together publish 300 presence pushes at once; each must cross (and be
+    # counted), not fail on an exhausted connection pool and mark the broker degraded.
+    a, b = await cluster(core_factory, redis_server.url)
+    dev_a = await a.device("RET-A", "retail")
+    broker_b = b.app.deps.push.broker
+    assert isinstance(broker_b, RedisBroker)
+    target = Target(kind="device", types=("retail",))
+    results = await asyncio.gather(*(b.app.deps.push.publish(target, "burst", i) for i in range(300)))
+    assert [(r.matched, r.queued) for r in results] == [(1, 1)] * 300
+    assert not broker_b.degraded
+    got = sorted([(await dev_a.push("burst"))["values"] for _ in range(300)])
+    assert got == list(range(300))
