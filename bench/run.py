@@ -940,6 +940,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--core-ref", default="", help="measure fleetpush's core/ at this git ref (default: work tree)")
     p.add_argument("--no-ceiling", action="store_true", help="skip the load generator ceiling run")
     p.add_argument("--keep-logs", action="store_true", help="keep server and loadgen logs (path printed)")
+    p.add_argument("--phases", default="", help=f"comma list of phases to run (default {ALL_PHASES}; for profiling one)")
     return p.parse_args(argv)
 
 
@@ -1009,6 +1010,8 @@ def main(argv: list[str] | None = None) -> int:
                     " + work-tree changes" if dirty.stdout.strip() else ""
                 )
         tgs, result["skipped"] = targets(selected, core_dir)
+        if args.phases:
+            tgs = [dataclasses.replace(t, phases=args.phases) for t in tgs]
         for name, why in result["skipped"].items():
             log(f"skipping {name}: {why}")
         result["servers"] = [t.name for t in tgs]

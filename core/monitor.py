@@ -127,7 +127,7 @@ class Monitor:
             batch = self._pending[: self._batch_max]
             del self._pending[: self._batch_max]
             try:
-                await self.store.insert_status([d for d, _ in batch])
+                await self.store.insert_status([d for d, _ in batch], checked=True)
             except Exception as exc:
                 for _, f in batch:
                     if not f.done():

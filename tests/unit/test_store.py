@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -112,6 +112,29 @@ async def test_status_history_newest_first_with_window_and_limit(store: Store) -
     dev = await store.get_device("R-2")
     assert dev is not None and dev["status"]["battery"] == 9.0 and dev["last_seen"] == T0 + timedelta(seconds=9)
     assert "sn" not in dev["status"] and dev["status"]["ts"] == T0 + timedelta(seconds=9)
+
+
+async def test_snapshots_are_stored_as_mongodb_stores_them(store: Store) -> None:
+    # Millisecond precision, UTC, nested values intact, and a copy: the caller's dict changing
+    # afterwards (the monitor reuses values for the push) must not change what was stored.
+    await store.create_device("R-1", "retail", "r", None, T0)
+    ts = datetime(2027, 1, 15, 14, 0, 0, 123456, tzinfo=timezone(timedelta(hours=2)))
+    snap = {"sn": "R-1", "type": "retail", "ts": ts, "location": {"code": 0, "message": "aisle 4"},
+            "extra": {"path": [[1.5, 2.0], [3.25, 4.0]], "tags": ["a", "b"]}}
+    await store.insert_status([snap], checked=True)
+    snap["location"]["message"] = "changed"
+    snap["extra"]["path"].append([9.0, 9.0])
+    (hist,) = await store.history("R-1", None, None, 10)
+    assert hist["ts"] == datetime(2027, 1, 15, 12, 0, 0, 123000, tzinfo=UTC) and hist["ts"].utcoffset() == timedelta(0)
+    assert hist["location"] == {"code": 0, "message": "aisle 4"}
+    assert hist["extra"] == {"path": [[1.5, 2.0], [3.25, 4.0]], "tags": ["a", "b"]}
+    dev = await store.get_device("R-1")
+    assert dev is not None and dev["status"]["location"]["message"] == "aisle 4"
+    assert dev["last_seen"] == hist["ts"] and dev["status"]["ts"] == hist["ts"]
+    # A report for a device that was never registered is kept in history but creates no device.
+    await store.insert_status([{"sn": "GHOST", "type": "retail", "ts": T0}])
+    assert await store.get_device("GHOST") is None
+    assert len(await store.history("GHOST", None, None, 10)) == 1
 
 
 async def test_values_bson_cannot_hold_are_rejected_as_bad_input_not_outage(store: Store) -> None:
