@@ -1,9 +1,10 @@
-"""Inbound frames/s: core.wsframes.FrameParser and core.wsreader.BatchedProtocol vs Tornado's per-frame reader.
+"""Inbound frames/s: core.wsframes.FrameParser and core.wire.WireSession vs Tornado's per-frame reader.
 
 All three parse the same bytes (masked client text frames, `--size` bytes of JSON each, in 64 KiB reads)
 in this process, without sockets: `FrameParser.feed` alone; Tornado's own `WebSocketProtocol13._receive_frame`
-loop (three awaits per frame) over an in-memory stream; and `BatchedProtocol._receive_frame_loop` over the
-same stream. The handlers' `on_message` does nothing, so this is the reader's cost only.
+loop (three awaits per frame) over an in-memory stream; and `WireSession.data_received` fed the same chunks
+(as asyncio's transport would), each drained before the next. The handlers' `on_message` does nothing,
+so this is the reader's cost only.
 
     .venv/bin/python bench/reader_bench.py [--frames 200000] [--size 120] [--repeat 3]
 """
@@ -26,8 +27,10 @@ from tornado.concurrent import Future
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketProtocol13, _WebSocketParams
 
+from core.wire import WireSession
 from core.wsframes import FrameParser, Text
-from core.wsreader import READ_CHUNK, BatchedProtocol
+
+READ_CHUNK = 65536
 
 
 def client_frame(payload: bytes) -> bytes:
@@ -110,6 +113,57 @@ class CountingHandler:
         raise RuntimeError("handler error in benchmark") from exc[1]
 
 
+class NullTransport(asyncio.Transport):
+    """The part of asyncio's transport a WireSession uses; writes go nowhere."""
+
+    def set_write_buffer_limits(self, high: int = 0, low: int = 0) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class CountingClient:
+    """A WireHandler whose on_message only counts."""
+
+    def __init__(self) -> None:
+        self.messages = 0
+
+    def on_message(self, message: str | bytes) -> None:
+        self.messages += 1
+
+    def on_alive(self) -> None:
+        pass
+
+    def on_closed(self, code: int | None) -> None:
+        pass
+
+
+async def bench_session(data: bytes, frames: int) -> float:
+    """WireSession.data_received per 64 KiB chunk, each chunk's messages handled before the next; frames/s."""
+    client = CountingClient()
+    session = WireSession(client, 1 << 20)
+    session.connection_made(NullTransport())  # type: ignore[arg-type]
+    view = memoryview(data)
+    start = time.perf_counter()
+    for i in range(0, len(data), READ_CHUNK):
+        session.data_received(bytes(view[i : i + READ_CHUNK]))
+        if session._running is not None:  # one task handles every queued message, then ends
+            await session._running
+    elapsed = time.perf_counter() - start
+    assert client.messages == frames, client.messages
+    return frames / elapsed
+
+
 def bench_parser(data: bytes, frames: int) -> float:
     """FrameParser.feed over 64 KiB chunks; frames/s."""
     parser = FrameParser(1 << 20)
@@ -145,11 +199,10 @@ def main() -> None:
     data = make_stream_bytes(args.frames, args.size)
     first = FrameParser(1 << 20).feed(data[:READ_CHUNK])[0]
     assert isinstance(first, Text) and json.loads(first.data)["request_id"] == 0
-    rows: dict[str, float] = {"FrameParser.feed": 0.0, "BatchedProtocol": 0.0, "Tornado WebSocketProtocol13": 0.0}
+    rows: dict[str, float] = {"FrameParser.feed": 0.0, "WireSession": 0.0, "Tornado WebSocketProtocol13": 0.0}
     for _ in range(args.repeat):
         rows["FrameParser.feed"] = max(rows["FrameParser.feed"], bench_parser(data, args.frames))
-        rows["BatchedProtocol"] = max(rows["BatchedProtocol"],
-                                      asyncio.run(bench_protocol(BatchedProtocol, data, args.frames)))
+        rows["WireSession"] = max(rows["WireSession"], asyncio.run(bench_session(data, args.frames)))
         rows["Tornado WebSocketProtocol13"] = max(rows["Tornado WebSocketProtocol13"],
                                                   asyncio.run(bench_protocol(WebSocketProtocol13, data, args.frames)))
     print(f"{args.frames} masked text frames of {args.size} payload bytes, {len(data)} bytes, best of {args.repeat}")

@@ -940,7 +940,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--core-ref", default="", help="measure fleetpush's core/ at this git ref (default: work tree)")
     p.add_argument("--no-ceiling", action="store_true", help="skip the load generator ceiling run")
     p.add_argument("--keep-logs", action="store_true", help="keep server and loadgen logs (path printed)")
-    p.add_argument("--phases", default="", help=f"comma list of phases to run (default {ALL_PHASES}; for profiling one)")
+    p.add_argument("--phases", default="", help=f"comma list of phases (default {ALL_PHASES})")
     return p.parse_args(argv)
 
 

@@ -219,11 +219,11 @@ class FleetApp:
                 await g.empty.wait()
         except TimeoutError:
             log.warning("%d connections did not close in time; dropping them", len(self.deps.hub))
-            for conn in self.deps.hub:
+            for conn in list(self.deps.hub):
                 sink: Any = conn.sink
-                ws = getattr(sink, "ws_connection", None)
-                if ws is not None:
-                    ws._abort()
+                abort = getattr(sink, "abort", None)
+                if abort is not None:
+                    abort()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

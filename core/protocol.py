@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
+import secrets
 import struct
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,9 +201,15 @@ def response(
     )
 
 
+# A random 64-bit prefix per process and a counter: unique across nodes and restarts like a
+# uuid4, at a tenth of its cost (one per push; at 5k status reports/s that was 4% of the CPU).
+_PUSH_PREFIX = "p-" + secrets.token_hex(8) + "-"
+_push_seq = itertools.count(1)
+
+
 def new_push_id() -> str:
     """A unique server-generated id for one push."""
-    return "p-" + uuid.uuid4().hex
+    return f"{_PUSH_PREFIX}{next(_push_seq):x}"
 
 
 def push(service: str, values: Any, push_id: str | None = None) -> bytes:

@@ -1,4 +1,4 @@
-"""The Tornado WebSocket endpoint: handshake checks, frames in, registry dispatch, hub come and go."""
+"""The WebSocket endpoint: handshake checks (Tornado), then per message decode, dispatch, reply; hub come and go."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from .errors import (
     Disconnect,
 )
 from .registry import ServerRules
-from .wsreader import BatchedProtocol
+from .wire import Handover, WireSession
 
 log = logging.getLogger("fleetpush.transport")
 
@@ -79,10 +79,10 @@ class Gateway:
 
 
 class FleetSocket(WebSocketHandler):
-    """One client's WebSocket."""
+    """The HTTP upgrade of one client; after the 101 its socket belongs to a WireSession (core.wire)."""
 
     gateway: Gateway
-    conn: Connection | None = None
+    session: WireSession | None = None
 
     def initialize(self, gateway: Gateway) -> None:
         """Tornado hands each handler the shared gateway."""
@@ -102,12 +102,12 @@ class FleetSocket(WebSocketHandler):
         await super().get(*args, **kwargs)
 
     def get_websocket_protocol(self) -> WebSocketProtocol13 | None:
-        """Tornado's RFC 6455 protocol with the batched reader (core.wsreader); strict UTF-8 and close codes."""
+        """Tornado's RFC 6455 handshake, then the socket moves to core.wire (strict UTF-8, close codes)."""
         if self.request.headers.get("Sec-WebSocket-Version") != "13":
             return None
         # Pings and their timeout are ours (Gateway.sweep), so Tornado's own are off.
         params = _WebSocketParams(max_message_size=self.max_message_size, compression_options=None)
-        return BatchedProtocol(self, False, params)
+        return Handover(self, params)
 
     def check_origin(self, origin: str) -> bool:
         """Exact allowlist match, or the server's own host; anything else gets 403."""
@@ -121,11 +121,14 @@ class FleetSocket(WebSocketHandler):
         return parsed.netloc == host
 
     def open(self, *args: str, **kwargs: str) -> None:
-        """A client connected: register it with the hub."""
-        d = self.gateway.deps
+        """A client connected: its connection joins the hub, its session takes the socket over."""
+        g = self.gateway
+        d = g.deps
         lim = d.settings.limits
+        client = Client(g)
+        session = WireSession(client, lim.max_message_bytes)
         conn = Connection(
-            sink=self,
+            sink=session,
             clock=d.clock,
             metrics=d.metrics,
             remote=str(self.request.remote_ip),
@@ -134,50 +137,28 @@ class FleetSocket(WebSocketHandler):
             node_id=d.node_id,
             limiter=RateLimiter(lim.rate_per_s, lim.rate_burst, lim.rate_burst, d.clock.monotonic()),
         )
-        self.conn = conn
-        self.set_nodelay(True)
+        client.conn = conn
+        self.session = session
         d.hub.add(conn)
-        self.gateway.empty.clear()
+        g.empty.clear()
         d.metrics.connections_opened.inc()
 
-    # FrameSink, as Connection writes to it -----------------------------------------
+    def on_message(self, message: str | bytes) -> None:
+        """Never called: frames are read by the WireSession."""
 
-    def write_frames(self, data: bytes) -> Any:
-        """Write pre-built frames: straight to the socket when nothing is queued, else through the stream.
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        """Unexpected errors in the handshake are logged without the request's contents."""
+        log.error("websocket handshake error", exc_info=(typ, value, tb))
 
-        Returns None when the kernel took every byte, or the stream's future for the rest.
-        """
-        ws = self.ws_connection
-        if ws is None or ws.is_closing():
-            raise ConnectionError("closed")
-        stream = getattr(ws, "stream", None)
-        if stream is None or stream.closed():
-            raise ConnectionError("closed")
-        if not stream.writing():
-            # Tornado's write() costs a Future, two callbacks and a buffer round trip per frame;
-            # a fan-out to thousands of sockets is mostly that. With the stream's buffer empty the
-            # order of bytes is kept by sending directly, and only a remainder goes the slow way.
-            try:
-                sent = stream.socket.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                raise ConnectionError(str(exc)) from None
-            if sent == len(data):
-                return None
-            data = data[sent:]
-        return stream.write(data)
 
-    def close(self, code: int | None = None, reason: str | None = None) -> None:
-        """Send a close frame; for a dead or stuck peer, drop the socket at once instead of waiting."""
-        ws = self.ws_connection  # Tornado's close() forgets it
-        super().close(code, reason)
-        if code in (CLOSE_HEARTBEAT, CLOSE_SLOW_CONSUMER) and ws is not None:
-            # Such a peer will not answer the closing handshake; waiting for it would keep a
-            # dead connection in the hub (and the device online) for Tornado's 5 s close timeout.
-            ws._abort()
+class Client:
+    """The application side of one connection: decode, dispatch, reply; the hub and presence on close."""
 
-    # --------------------------------------------------------------------------------
+    __slots__ = ("conn", "gateway")
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.conn: Connection | None = None
 
     async def on_message(self, message: str | bytes) -> None:
         """One text frame: decode, dispatch, reply."""
@@ -208,17 +189,12 @@ class FleetSocket(WebSocketHandler):
             except Exception:
                 log.exception("post-reply work failed for %s", req.service)
 
-    def on_pong(self, data: bytes) -> None:
-        """A pong counts as life."""
+    def on_alive(self) -> None:
+        """A ping or pong counts as life."""
         if self.conn is not None:
             self.conn.touch()
 
-    def on_ping(self, data: bytes) -> None:
-        """A client ping counts as life too."""
-        if self.conn is not None:
-            self.conn.touch()
-
-    def on_close(self) -> None:
+    def on_closed(self, code: int | None) -> None:
         """The socket is gone: the hub forgets it, presence is updated."""
         conn = self.conn
         if conn is None:
@@ -226,7 +202,7 @@ class FleetSocket(WebSocketHandler):
         g = self.gateway
         d = g.deps
         conn.closed = True
-        code = conn.close_code or self.close_code or 1006
+        code = conn.close_code or code or 1006
         try:
             d.metrics.closes.labels(str(code)).inc()
         finally:
@@ -236,8 +212,3 @@ class FleetSocket(WebSocketHandler):
         if conn.kind == "device" and current and conn.sn and conn.device_type:
             reason = _OFFLINE_REASON.get(conn.close_code or 0, "closed")
             g.spawn(d.monitor.offline(conn.sn, conn.device_type, reason))
-
-    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        """Unexpected errors are logged with the connection, never with message contents."""
-        log.error("websocket handler error on %s", self.conn.id if self.conn else "?", exc_info=(typ, value, tb))
-

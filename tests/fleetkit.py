@@ -124,8 +124,10 @@ class RawSocket:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, port: int, origin: str | None = None, rcvbuf: int | None = None) -> RawSocket:
-        """Open /ws and finish the handshake; raises if the server does not answer 101."""
+    async def connect(
+        cls, port: int, origin: str | None = None, rcvbuf: int | None = None, first: bytes = b""
+    ) -> RawSocket:
+        """Open /ws and finish the handshake (`first`: bytes sent in the same write as the request)."""
         import base64
         import os
         import socket
@@ -143,7 +145,7 @@ class RawSocket:
         ]
         if origin:
             lines.append(f"Origin: {origin}")
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + first)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         if b" 101 " not in head.split(b"\r\n", 1)[0]:
             writer.close()

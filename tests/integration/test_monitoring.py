@@ -135,13 +135,13 @@ async def test_concurrent_reports_are_all_stored_in_few_writes(core: Core) -> No
     store = core.app.deps.store
     devices = [await login(core, f"R-{i:03d}") for i in range(40)]
     calls: list[int] = []
-    real = store.status.insert_many
+    real = store.insert_status
 
     async def counting(docs: Any, *a: Any, **kw: Any) -> Any:
         calls.append(len(docs))
         return await real(docs, *a, **kw)
 
-    store.status.insert_many = counting  # type: ignore[method-assign]
+    store.insert_status = counting  # type: ignore[method-assign]
     replies = await asyncio.gather(
         *(d.request("/api/device/status", {"battery": float(n)}) for d in devices for n in range(5))
     )

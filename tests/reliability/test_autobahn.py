@@ -2,7 +2,7 @@
 
 Two runs against a live core on 127.0.0.1:
 
-1. The framing run: the core's own handshake, protocol class (`core.wsreader.BatchedProtocol`), hub
+1. The framing run: the core's own handshake, WebSocket session (`core.wire.WireSession`), hub
    registration and close paths, with `on_message` swapped for an echo, because Autobahn judges a
    server by what it echoes. Every case must be OK, except the few listed in FRAMING_NOT_OK.
 2. The contract run: the untouched /ws handler. fleetpush is not an echo service, so a case that
@@ -28,7 +28,7 @@ import kosoku
 import pytest
 from conftest import make_settings
 
-from core.transport import FleetSocket
+from core.transport import Client
 
 EXCLUDE = ["9.*", "12.*", "13.*"]
 
@@ -73,16 +73,16 @@ async def _run(url: str) -> list[Any]:
     return list(results)
 
 
-async def _echo(self: FleetSocket, message: str | bytes) -> None:
+async def _echo(self: Client, message: str | bytes) -> None:
     if self.conn is None or self.conn.closed:
         return
     self.conn.touch()
-    await self.write_message(message, binary=isinstance(message, bytes))
+    self.conn.sink.send_message(message)  # type: ignore[attr-defined]
 
 
 @pytest.mark.timeout(60)
 async def test_framing_layer_passes_every_case(core_factory: Callable[..., Any], monkeypatch: Any) -> None:
-    monkeypatch.setattr(FleetSocket, "on_message", _echo)
+    monkeypatch.setattr(Client, "on_message", _echo)
     core = await core_factory(_settings())
     results = await _run(core.ws_url)
     assert len(results) == 247  # the whole selection ran
