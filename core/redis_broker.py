@@ -17,6 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from . import eager
 from .broker import Delivery, LocalDeliver, Target
 from .config import BrokerSettings
 from .metrics import Metrics
@@ -165,7 +166,7 @@ class RedisBroker:
             if tally is not None:
                 tally.expect(receivers - 1)  # every node, this one included, listens on the bus
                 try:
-                    async with asyncio.timeout(_REPLY_WAIT_S):
+                    async with eager.timeout(_REPLY_WAIT_S):
                         await tally.done
                 except TimeoutError:
                     log.debug("cross-node counts for %s incomplete: %d of %d", push_id, len(tally.got),

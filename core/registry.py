@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Generator, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from . import protocol
+from . import eager, protocol
 from .auth import role_allows
 from .context import Deps, ServerContext
 from .errors import CLOSE_RATE_LIMIT, Disconnect, ServiceError
@@ -36,34 +35,6 @@ class Rule:
 def rule(service: str, handler: Handler, args: type[BaseModel], access: Access) -> Rule:
     """A row of the service table."""
     return Rule(service, handler, args, access)
-
-
-class _Resumed:
-    """Awaits the rest of a coroutine that already ran up to its first suspension (`first`)."""
-
-    __slots__ = ("_coro", "_first")
-
-    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
-        self._coro = coro
-        self._first = first
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        # What `await` does, from the second step on: hand each yielded future to the task,
-        # resume with send(None) when it is done, or throw in what the task throws (a cancel).
-        yielded = self._first
-        while True:
-            try:
-                yield yielded
-            except BaseException as exc:
-                try:
-                    yielded = self._coro.throw(exc)
-                except StopIteration as done:
-                    return done.value
-            else:
-                try:
-                    yielded = self._coro.send(None)
-                except StopIteration as done:
-                    return done.value
 
 
 def field_errors(exc: ValidationError) -> list[dict[str, Any]]:
@@ -119,8 +90,8 @@ class ServerRules:
             first = coro.send(None)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
-        async with asyncio.timeout(self._timeout):
-            rest: dict[str, Any] | None = await _Resumed(coro, first)
+        async with eager.timeout(self._timeout):
+            rest: dict[str, Any] | None = await eager.Resumed(coro, first)
         return rest
 
     async def dispatch(self, ctx: ServerContext) -> bytes:

@@ -14,6 +14,7 @@ from bson.errors import InvalidDocument
 from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
+from . import eager
 from .config import StoreSettings
 from .errors import ServiceError, StoreUnavailable
 
@@ -191,7 +192,7 @@ class Store:
         try:
             bound = self.settings.op_timeout_s + 0.5
             if self.embedded:
-                async with asyncio.timeout(bound):
+                async with eager.timeout(bound):
                     result = await fn()
             else:
                 result = await self._bounded(fn, bound)
@@ -317,7 +318,7 @@ class Store:
         closer = getattr(self._client, "close", None)
         if closer is not None and not self.embedded:
             try:
-                async with asyncio.timeout(self.settings.op_timeout_s + self.settings.server_selection_timeout_s):
+                async with eager.timeout(self.settings.op_timeout_s + self.settings.server_selection_timeout_s):
                     await closer()
             except TimeoutError:
                 log.warning("store client did not close in time; dropping it")

@@ -15,11 +15,13 @@ import logging
 import struct
 from collections import deque
 from collections.abc import Awaitable
-from typing import Protocol
+from types import CoroutineType
+from typing import Any, Protocol
 
 from tornado.iostream import IOStream
 from tornado.websocket import WebSocketProtocol13, _WebSocketDelegate, _WebSocketParams
 
+from . import eager
 from .errors import CLOSE_HEARTBEAT, CLOSE_SLOW_CONSUMER
 from .wsframes import Binary, Close, Event, Fail, FrameParser, Ping, Pong, Text
 
@@ -150,7 +152,10 @@ class WireSession(asyncio.Protocol):
             return
         self._events.extend(events)
         if self._running is None:
-            self._handle_ready()
+            if asyncio.current_task() is None:
+                self._handle_ready()
+            else:  # fed from a task (the handover's leftover bytes): eager steps need to run outside one
+                self._running = self.loop.create_task(self._drain_events(None))
         if len(self._events) >= _PAUSE_AT and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
@@ -192,14 +197,45 @@ class WireSession(asyncio.Protocol):
     # ------------------------------------------------------------ frames in
 
     def _handle_ready(self) -> None:
-        # One task drains the queued events, awaiting each message's handler before the next, and
-        # ends when the queue is empty; the next frame to arrive starts another.
-        self._running = self.loop.create_task(self._drain_events())
+        # Eager: each message's handler runs inline (core.eager) and most finish without waiting;
+        # the first one that waits gets a task, which finishes it and then handles the rest in order.
+        # After a few messages the rest goes to a task too, so a pipelining client yields to others.
+        events = self._events
+        handled = 0
+        while events and not self.client_terminated:
+            ev = events.popleft()
+            if isinstance(ev, Text | Binary):
+                handler = self.handler
+                if handler is None:
+                    return
+                try:
+                    result = handler.on_message(ev.data)
+                    rest = None
+                    if result is not None:
+                        rest = eager.start(result) if type(result) is CoroutineType else result
+                except Exception:
+                    log.exception("message handler failed; dropping the connection")
+                    self.abort()
+                    return
+                if rest is not None:
+                    self._running = self.loop.create_task(self._drain_events(rest))
+                    return
+                handled += 1
+                if handled >= _YIELD_EVENTS and events:
+                    self._running = self.loop.create_task(self._drain_events(None))
+                    return
+            else:
+                self._control(ev)
+        self._maybe_resume_reading()
 
-    async def _drain_events(self) -> None:
+    async def _drain_events(self, rest: Awaitable[Any] | None) -> None:
         events = self._events
         handled = 0
         try:
+            if rest is None:
+                await asyncio.sleep(0)  # other connections' messages go between two batches
+            else:
+                await rest
             while events and not self.client_terminated:
                 ev = events.popleft()
                 if isinstance(ev, Text | Binary):
@@ -212,7 +248,7 @@ class WireSession(asyncio.Protocol):
                     handled += 1
                     if handled >= _YIELD_EVENTS and events:
                         handled = 0
-                        await asyncio.sleep(0)  # other connections' messages go between two batches
+                        await asyncio.sleep(0)
                 else:
                     self._control(ev)
                 if self._paused:

@@ -11,6 +11,7 @@ import pytest
 from conftest import make_settings
 from pydantic import BaseModel, Field
 
+from core import eager
 from core.app import Overrides, make_app
 from core.clock import ManualClock, utc
 from core.connection import Connection, RateLimiter
@@ -98,7 +99,50 @@ def env() -> Any:
         ctx = ServerContext(conn or connection(), Request(service, values, rid), app.deps)
         return json.loads(await rules.dispatch(ctx))
 
+    call.rules = rules  # type: ignore[attr-defined]
+    call.connection = connection  # type: ignore[attr-defined]
+    call.deps = app.deps  # type: ignore[attr-defined]
     return call, connection, clock
+
+
+async def eager_call(call: Any, service: str, values: dict[str, Any]) -> tuple[bool, Any]:
+    """Dispatch as the WebSocket session does: stepped inline from a loop callback, outside any task.
+
+    Returns whether it finished inline (no task) and the decoded reply."""
+    ctx = ServerContext(call.connection(), Request(service, values, "e1"), call.deps)
+    box: list[bytes] = []
+
+    async def run() -> None:
+        box.append(await call.rules.dispatch(ctx))
+
+    loop = asyncio.get_running_loop()
+    started: asyncio.Future[Any] = loop.create_future()
+
+    def kick() -> None:
+        assert asyncio.current_task() is None
+        started.set_result(eager.start(run()))
+
+    loop.call_soon(kick)
+    rest = await started
+    if rest is not None:
+        await asyncio.ensure_future(rest)
+    return rest is None, json.loads(box[0])
+
+
+async def test_eager_dispatch_outside_a_task(env: Any) -> None:
+    call, _, _ = env
+    # A handler that never waits finishes inline, without a task: the common, cheap case.
+    inline, r = await eager_call(call, "/t/echo", {"n": 3})
+    assert inline and r["code"] == 0 and r["values"] == {"n": 3, "tag": "x"}
+    inline, r = await eager_call(call, "/t/nope", {})
+    assert inline and r["code"] == 404
+    # One that waits moves into a task and still gets its own reply, its timeout and its crash handling.
+    inline, r = await eager_call(call, "/t/waits", {"n": 4, "tag": "io"})
+    assert not inline and r["code"] == 0 and r["values"] == {"n": 8, "tag": "io"}
+    inline, r = await eager_call(call, "/t/hang", {"n": 1})
+    assert not inline and r["code"] == 504
+    inline, r = await eager_call(call, "/t/late-boom", {"n": 1})
+    assert not inline and r["code"] == 500
 
 
 async def test_ok_reply(env: Any) -> None:
