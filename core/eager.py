@@ -7,7 +7,9 @@ load. `start()` steps such a coroutine inline and only a coroutine that really s
 Inside an eager step there is no current task, and `asyncio.timeout` needs one (it cancels the task
 when the deadline passes). `timeout()` here is its drop-in: in an eager step it first asks the driver
 to move the coroutine into a task (by yielding NEED_TASK up the await chain), then arms
-`asyncio.timeout` there. Code reachable from a WebSocket message uses `eager.timeout`.
+`asyncio.timeout` there. Code reachable from a WebSocket message uses `eager.timeout`, and the modules
+that wrap a driver (store, Redis broker) `await in_task()` before calling into it: a library may use
+`asyncio.timeout` itself (redis-py does, on every command).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Awaitable, Coroutine, Generator
 from types import TracebackType
 from typing import Any
 
-__all__ = ["NEED_TASK", "Resumed", "start", "timeout"]
+__all__ = ["NEED_TASK", "Resumed", "in_task", "start", "timeout"]
 
 
 class _NeedTask:
@@ -37,6 +39,12 @@ class _ToTask:
 
     def __await__(self) -> Generator[Any, None, None]:
         yield NEED_TASK
+
+
+async def in_task() -> None:
+    """Continue inside a task: at once when already in one, else after the eager driver made one."""
+    if asyncio.current_task() is None:
+        await _ToTask()
 
 
 class Resumed:

@@ -155,6 +155,7 @@ class RedisBroker:
         if self.degraded:
             self.metrics.broker_dropped.inc()
             return result
+        await eager.in_task()  # redis-py arms asyncio.timeout per command: it needs a task
         push_id = uuid.uuid4().hex
         header = {"k": "push", "o": self.node_id, "id": push_id, "t": target.to_json(), "s": service, "r": counts}
         # Registered before publishing: a fast node's count can arrive before PUBLISH returns here.
@@ -187,6 +188,7 @@ class RedisBroker:
         if self.degraded:
             self.metrics.broker_dropped.inc()
             return False
+        await eager.in_task()
         try:
             await self._redis.publish(self.channel, _pack({"k": kind, "o": self.node_id, "d": data}, b""))
             return True

@@ -87,6 +87,7 @@ def test_bench_quick_has_the_cross_node_broadcast_row(quick_run: tuple[dict[str,
         value = rows[0][name]
         assert isinstance(value, int | float) and math.isfinite(value) and value > 0, (name, value, seen)
     assert raw["brokers_at_end"] == {"a": "ok", "b": "ok"}, seen
+    assert raw["broadcast"]["reply_errors"] == 0, seen  # every broadcast request was answered code 0
     # Every device on node A got the broadcasts sent through node B.
     assert rows[0]["devices_ready"] == rows[0]["conns"], rows[0]
     assert CROSSNODE_TITLE in md, md

@@ -267,3 +267,16 @@ async def test_a_burst_of_pushes_larger_than_the_redis_pool_all_cross(core_facto
     assert not broker_b.degraded
     got = sorted([(await dev_a.push("burst"))["values"] for _ in range(300)])
     assert got == list(range(300))
+
+
+async def test_a_broadcast_sent_over_websocket_crosses_nodes(core_factory: Callable[..., Any],
+                                                            redis_server: RedisProcess) -> None:
+    # The ops console's path: a WebSocket request, handled inline until it waits on Redis.
+    a, b = await cluster(core_factory, redis_server.url)
+    dev_a = await a.device("RET-A", "retail")
+    ops_b = await b.ops()
+    for i in range(3):
+        r = await ops_b.request("/admin/push/broadcast", {"service": "ws-bc", "message": i,
+                                                          "target": {"type": "retail"}})
+        assert r["code"] == 0 and r["values"] == {"matched": 1, "queued": 1}, r
+        assert (await dev_a.push("ws-bc"))["values"] == i
