@@ -126,20 +126,21 @@ class Connection:
         return True
 
     def _write(self, data: bytes, frames: int) -> None:
-        self._inflight_since = self.clock.monotonic()
         try:
             fut = self.sink.write_frames(data)
         except Exception:  # the stream closed under us; on_close will clean up
-            self._inflight_since = None
             self.closed = True
             return
         m = self.metrics
         m.bytes_out += len(data)
         m.frames_out += frames
-        if fut is None:
-            self._flushed(None)
-        else:
+        if fut is not None:
+            # In flight until the kernel takes the rest; the sweeper cuts a write stalled too long.
+            # (A write the kernel took at once, the usual case, leaves nothing queued behind it.)
+            self._inflight_since = self.clock.monotonic()
             fut.add_done_callback(self._flushed)
+        elif self._queue:
+            self._flushed(None)
 
     def _flushed(self, fut: Any) -> None:
         # Runs when the previous write reached the kernel: send everything queued meanwhile
