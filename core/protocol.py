@@ -170,9 +170,22 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=F
 _dumps_ascii = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False, default=str).encode
 
 
+# json's C encoder, built once: JSONEncoder.encode builds a new one on every call, which was a third
+# of encoding a reply. Without circular-reference markers: envelopes come from decoded JSON and handlers'
+# plain dicts; a cycle would end in RecursionError, never in a hang. None without the C accelerator.
+_make_c_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
+_c_encoder: Any = (
+    _make_c_encoder(None, str, json.encoder.encode_basestring, None, ":", ",", False, False, False)
+    if _make_c_encoder is not None
+    else None
+)
+
+
 def encode(obj: dict[str, Any]) -> bytes:
     """Encode one envelope as compact UTF-8 JSON."""
     try:
+        if _c_encoder is not None:
+            return "".join(_c_encoder(obj, 0)).encode("utf-8")
         return _dumps(obj).encode("utf-8")
     except UnicodeEncodeError:
         # A lone surrogate that reached a reply or push some other way: \u-escaped it is the

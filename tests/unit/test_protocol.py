@@ -6,6 +6,8 @@ import json
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from core import protocol
 from core.protocol import Decoder, Limits, ProtocolError
@@ -95,3 +97,33 @@ def test_text_frame_header_lengths(size: int) -> None:
         assert frame[1] == 126 and struct.unpack("!H", frame[2:4])[0] == size
     else:
         assert frame[1] == 127 and struct.unpack("!Q", frame[2:10])[0] == size
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=_json_values, rid=st.none() | st.integers() | st.text(max_size=10))
+def test_encoded_envelopes_are_the_compact_json_of_the_envelope(values: object, rid: object) -> None:
+    # What a device parses: exactly json.dumps's compact form, non-ASCII kept as UTF-8.
+    raw = protocol.response("/svc", rid, values)  # type: ignore[arg-type]
+    expected = {"op": "galbot_response", "service": "/svc", "code": 0, "msg": "", "values": values,
+                "result": True, "request_id": rid}
+    try:
+        assert raw == json.dumps(expected, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: sent \u-escaped instead, still the same JSON
+        assert raw == json.dumps(expected, separators=(",", ":")).encode("ascii")
+
+
+def test_encoding_refuses_nan_and_stringifies_other_objects() -> None:
+    with pytest.raises(ValueError):
+        protocol.response("/svc", 1, {"x": float("nan")})
+    from datetime import UTC, datetime
+
+    raw = protocol.response("/svc", 1, {"at": datetime(2027, 1, 1, tzinfo=UTC)})
+    assert json.loads(raw)["values"] == {"at": "2027-01-01 00:00:00+00:00"}
+
