@@ -16,7 +16,7 @@ import struct
 from collections import deque
 from collections.abc import Awaitable
 from types import CoroutineType
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from tornado.iostream import IOStream
 from tornado.websocket import WebSocketProtocol13, _WebSocketDelegate, _WebSocketParams
@@ -134,7 +134,8 @@ class WireSession(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """The transport is ready: writes queued during the handover go out first."""
-        assert isinstance(transport, asyncio.Transport)
+        # A socket transport (asyncio's, or uvloop's, which does not subclass asyncio.Transport).
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         # Pause (and so report a write as "in flight") whenever anything is left in the buffer:
         # the connection's queue coalesces what is pushed meanwhile into its next write.
