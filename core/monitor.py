@@ -104,17 +104,19 @@ class Monitor:
     # ---------------------------------------------------------------- status ingest
 
     async def ingest(self, conn: Connection, fields: dict[str, Any]) -> str:
-        """Store one status report (group-committed with concurrent ones), then push it; returns its ts."""
+        """Store one status report (in memory at once, on MongoDB group-committed with concurrent ones), then
+        push it; returns its ts."""
         assert conn.sn is not None
         ts = utc(self.clock.time())
         doc: dict[str, Any] = {"sn": conn.sn, "type": conn.device_type, "ts": ts, **fields}
         # Checked here, alone: one report BSON cannot hold would otherwise fail its whole batch.
         check_storable(doc, "extra")
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((doc, fut))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        await fut
+        if not self.store.insert_status_now([doc]):
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._pending.append((doc, fut))
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.create_task(self._flush())
+            await fut
         self.metrics.status_reports.inc()
         values = snapshot_json(doc)
         await self.push.to_subscribers(conn.sn, conn.device_type or "", "device_status", values)

@@ -455,6 +455,16 @@ class Store:
 
     # ---------------------------------------------------------------- status
 
+    def insert_status_now(self, snapshots: list[Doc]) -> bool:
+        """Embedded engine: store already-checked snapshots at once, without waiting; False when it cannot.
+
+        In memory a write costs less than batching it would (a future, a task and a timer per report),
+        so the monitor writes each report inline; on MongoDB it group-commits with insert_status."""
+        if not (self.embedded and snapshots):
+            return False
+        latest = {s["sn"]: s for s in snapshots}
+        return _write_status_embedded(self.status, self.devices, snapshots, latest)
+
     async def insert_status(self, snapshots: list[Doc], *, checked: bool = False) -> None:
         """Store snapshots and move each device's latest status and last_seen forward.
 
