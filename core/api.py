@@ -441,7 +441,7 @@ class HealthHandler(JsonHandler):
 
 
 class ReadyHandler(JsonHandler):
-    """/readyz: 200 when the store answers, else 503 — within 3 s either way."""
+    """/readyz: 200 when the store answers (and start-up's store work is done), else 503 — within 3 s."""
 
     async def get(self) -> None:
         """Readiness."""
@@ -451,8 +451,11 @@ class ReadyHandler(JsonHandler):
                 ok = await d.store.ping()
         except TimeoutError:
             ok = False
+        store = "ok" if ok else "unavailable"
+        if ok and not d.initialised.is_set():
+            ok, store = False, "initialising"
         broker = "degraded" if d.push.broker.degraded else "ok"
-        self.send_json(200 if ok else 503, {"store": "ok" if ok else "unavailable", "broker": broker,
+        self.send_json(200 if ok else 503, {"store": store, "broker": broker,
                                             "status": "ready" if ok else "not ready"})
 
 

@@ -99,7 +99,7 @@ class FleetApp:
         self.server: HTTPServer | None = None
         self.port: int | None = None
         self.generated_admin_password: str | None = None
-        self.store_ready = asyncio.Event()
+        self.store_ready = self.deps.initialised
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -39,6 +40,9 @@ class Deps:
     audit: Audit
     metrics: Metrics
     node_id: str
+    # Set once start-up's store work is done (indexes, the admin user, presence recovery): until
+    # then /readyz answers 503, so nothing is routed to a node that cannot log its users in yet.
+    initialised: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass(slots=True)

@@ -317,3 +317,28 @@ async def test_readyz_answers_within_3_s_with_default_store_timeouts(silent_serv
         assert r.status_code == 503 and took < 3.0
     finally:
         await stop_bounded(app)
+
+
+async def test_not_ready_until_start_up_can_log_users_in() -> None:
+    # The store answers pings at once, but the admin user (or the indexes) may not exist yet: a
+    # load balancer or a script that trusts /readyz must not send a login that would fail.
+    app = make_app(make_settings())
+    gate = asyncio.Event()
+    real_ensure_admin = app.deps.auth.ensure_admin
+
+    async def slow_ensure_admin() -> Any:
+        await gate.wait()
+        return await real_ensure_admin()
+
+    app.deps.auth.ensure_admin = slow_ensure_admin  # type: ignore[method-assign]
+    port = await app.start(port=0, address="127.0.0.1")
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as anon:
+            r = await anon.get("/readyz")
+            assert r.status_code == 503 and r.json()["store"] == "initialising"
+            gate.set()
+            await asyncio.wait_for(app.store_ready.wait(), 5)
+            r = await anon.get("/readyz")
+            assert r.status_code == 200 and r.json() == {"store": "ok", "broker": "ok", "status": "ready"}
+    finally:
+        await stop_bounded(app)
