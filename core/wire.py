@@ -230,6 +230,8 @@ class WireSession(asyncio.Protocol):
         self._maybe_resume_reading()
 
     async def _drain_events(self, rest: Awaitable[Any] | None) -> None:
+        # The same loop as _handle_ready, but awaiting each handler: inside a task an eager step
+        # would arm eager.timeout on this task while the handler's rest ran in another one.
         events = self._events
         handled = 0
         try:
