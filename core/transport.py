@@ -202,7 +202,9 @@ class Client:
         g = self.gateway
         d = g.deps
         conn.closed = True
-        code = conn.close_code or code or 1006
+        # The app's own close code, else the peer's, else the one the session sent (a protocol error,
+        # a runaway pinger), else 1006 (the socket just went).
+        code = conn.close_code or code or getattr(conn.sink, "sent_code", None) or 1006
         try:
             d.metrics.closes.labels(str(code)).inc()
         finally:

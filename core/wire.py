@@ -37,6 +37,10 @@ _PAUSE_AT = 256
 _RESUME_AT = 32
 # How long a closing handshake we started may wait for the peer's close frame (as Tornado's).
 CLOSE_TIMEOUT_S = 5.0
+# Bytes left unsent in the transport above which a peer that keeps pinging is cut as a slow consumer:
+# pongs bypass the connection's bounded queue, so a client that pings without reading would otherwise
+# grow the server's buffer for as long as it sends.
+_MAX_UNSENT = 1 << 20
 # Close codes whose peer is not expected to answer: the socket is dropped right after the frame.
 _DROP_AFTER = frozenset((CLOSE_HEARTBEAT, CLOSE_SLOW_CONSUMER))
 
@@ -108,6 +112,7 @@ class WireSession(asyncio.Protocol):
         "handler",
         "loop",
         "parser",
+        "sent_code",
         "server_terminated",
         "transport",
     )
@@ -129,6 +134,7 @@ class WireSession(asyncio.Protocol):
         self.server_terminated = False
         self.close_code: int | None = None  # the peer's
         self.close_reason: str | None = None  # the peer's
+        self.sent_code: int | None = None  # of the close frame this side sent
 
     # ------------------------------------------------------------ asyncio.Protocol
 
@@ -273,6 +279,11 @@ class WireSession(asyncio.Protocol):
 
     def _control(self, ev: Event) -> None:
         if isinstance(ev, Ping):
+            t = self.transport
+            if t is not None and t.get_write_buffer_size() > _MAX_UNSENT:
+                log.warning("peer pings but does not read its pongs (%d bytes unsent): cut", t.get_write_buffer_size())
+                self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+                return
             self._write(control_frame(0xA, ev.data))
             if self.handler is not None:
                 self.handler.on_alive()
@@ -332,6 +343,7 @@ class WireSession(asyncio.Protocol):
         if self.server_terminated:
             return
         self.server_terminated = True
+        self.sent_code = code
         self._write(control_frame(0x8, _close_payload(code, reason)))
         if self.transport is None:
             self._early_close = code  # connection_made sends the frame and hangs up

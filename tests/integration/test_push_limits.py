@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from typing import Any
@@ -146,3 +147,25 @@ async def test_metrics_exposition(core: Core) -> None:
         "connection_closes_total",
     ]:
         assert needle in text, needle
+
+
+async def test_a_client_that_pings_without_reading_is_cut_4503(core: Core) -> None:
+    # Pongs do not go through the connection's bounded queue; a peer that floods pings and never
+    # reads must still not grow the server's buffers without end.
+    flood = await RawSocket.connect(core.port, rcvbuf=4096)
+    other = await core.device("CALM-1")
+    ping = bytes([0x89, 0x80 | 125]) + b"\x00\x00\x00\x00" + b"p" * 125  # masked with a zero key
+    sent = 0
+    try:
+        while sent < 200_000:  # bounded: ~26 MB at most; the server cuts well before
+            flood.writer.write(ping * 1000)
+            sent += 1000
+            await asyncio.wait_for(flood.writer.drain(), 10)
+    except (ConnectionError, TimeoutError):
+        pass  # cut while we were still sending
+    await removed(core.app.deps.hub, lambda c: c.sn is None and c.kind == "anon", timeout=10)
+    metrics = core.app.deps.metrics.render().decode()
+    assert 'connection_closes_total{code="4503"} 1.0' in metrics
+    # Nobody else noticed.
+    assert (await other.request("/api/device/heartbeat", {}))["code"] == 0
+    flood.close()
