@@ -324,12 +324,19 @@ class Store:
         # So the caller stops waiting at the bound, and the operation is left to end by the
         # driver's own timeouts (serverSelectionTimeoutMS, timeoutMS), kept referenced meanwhile.
         task: asyncio.Future[T] = asyncio.ensure_future(fn())
-        done, _ = await asyncio.wait({task}, timeout=bound)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=bound)
+        except asyncio.CancelledError:  # the caller gave up (a stop): the operation is left to end too
+            self._adopt(task)
+            raise
         if not done:
-            self._orphans.add(task)
-            task.add_done_callback(self._orphan_done)
+            self._adopt(task)
             raise TimeoutError(f"store operation still running after {bound:g} s")
         return task.result()
+
+    def _adopt(self, task: asyncio.Future[Any]) -> None:
+        self._orphans.add(task)
+        task.add_done_callback(self._orphan_done)
 
     def _orphan_done(self, task: asyncio.Future[Any]) -> None:
         self._orphans.discard(task)
@@ -345,6 +352,10 @@ class Store:
                     await closer()
             except TimeoutError:
                 log.warning("store client did not close in time; dropping it")
+        if self._orphans:
+            # Operations abandoned at their bound end now that the client is closed; wait briefly so
+            # their errors are collected here, not reported as "never retrieved" when the loop ends.
+            await asyncio.wait(set(self._orphans), timeout=1.0)
 
     # ---------------------------------------------------------------- users and sessions
 
