@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -68,21 +67,6 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
-
-
-class Children:
-    """The labelled children of one metric, each looked up once (labels() locks and hashes per call)."""
-
-    def __init__(self, metric: Any) -> None:
-        self._metric = metric
-        self._kids: dict[tuple[str, ...], Any] = {}
-
-    def get(self, *labels: str) -> Any:
-        """The child for these label values."""
-        kid = self._kids.get(labels)
-        if kid is None:
-            kid = self._kids[labels] = self._metric.labels(*labels)
-        return kid
 
 
 class _FrameCounters(Collector):

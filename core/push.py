@@ -10,7 +10,7 @@ from . import protocol
 from .broker import Broker, Delivery, Target
 from .connection import Connection
 from .hub import Hub
-from .metrics import Children, Metrics
+from .metrics import Metrics
 
 log = logging.getLogger("fleetpush.push")
 
@@ -23,8 +23,8 @@ class Pusher:
         self.broker = broker
         self.metrics = metrics
         self._mono = clock_mono
-        self._success = Children(metrics.push_success)
-        self._latency = Children(metrics.push_latency)
+        self._success = metrics.push_success
+        self._latency = metrics.push_latency
         broker.bind(self.deliver_local)
 
     def deliver_local(self, target: Target, service: str, frame: bytes) -> Delivery:
@@ -39,7 +39,7 @@ class Pusher:
                 queued += 1
         failed = len(conns) - queued
         if queued:
-            self._success.get(service).inc(queued)
+            self._success.labels(service).inc(queued)
         if failed:
             self.metrics.push_failure.labels(service, "queue_full_or_closed").inc(failed)
         return Delivery(matched=len(conns), queued=queued)
@@ -56,7 +56,7 @@ class Pusher:
     def to_connection(self, conn: Connection, service: str, values: Any) -> bool:
         """Push to one local connection."""
         ok = conn.send(self.frame(service, values))
-        (self.metrics.push_success.labels(service) if ok else self.metrics.push_failure.labels(service, "closed")).inc()
+        (self._success.labels(service) if ok else self.metrics.push_failure.labels(service, "closed")).inc()
         return ok
 
     async def publish(self, target: Target, service: str, values: Any, counts: bool = True) -> Delivery:
@@ -66,7 +66,7 @@ class Pusher:
         try:
             return await self.broker.publish(target, service, frame, counts)
         finally:
-            self._latency.get(service).observe(max(0.0, self._mono() - start))
+            self._latency.labels(service).observe(max(0.0, self._mono() - start))
 
     async def broadcast(self, service: str, values: Any) -> Delivery:
         """Every authenticated connection."""
@@ -92,5 +92,5 @@ class Pusher:
         """Local connections whose session satisfies `predicate` (BroadcastByCondition)."""
         start = self._mono()
         result = self._fan_out(self.hub.where(predicate), service, self.frame(service, values))
-        self._latency.get(service).observe(max(0.0, self._mono() - start))
+        self._latency.labels(service).observe(max(0.0, self._mono() - start))
         return result

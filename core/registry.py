@@ -13,7 +13,6 @@ from . import eager, protocol
 from .auth import role_allows
 from .context import Deps, ServerContext
 from .errors import CLOSE_RATE_LIMIT, Disconnect, ServiceError
-from .metrics import Children
 from .protocol import Request
 
 log = logging.getLogger("fleetpush.registry")
@@ -58,14 +57,14 @@ class ServerRules:
         self.deps = deps
         self._timeout = deps.settings.limits.handler_timeout_s
         self._abuse = deps.settings.limits.rate_abuse_replies
-        self._requests = Children(deps.metrics.requests)
-        self._latency = Children(deps.metrics.handler_latency)
+        self._requests = deps.metrics.requests
+        self._latency = deps.metrics.handler_latency
 
     def _observe(self, service: str, code: int, elapsed: float) -> None:
         known = service in self.rules
-        self._requests.get(service if known else "unknown", str(code)).inc()
+        self._requests.labels(service if known else "unknown", str(code)).inc()
         if known:
-            self._latency.get(service).observe(elapsed)
+            self._latency.labels(service).observe(elapsed)
 
     def _check_access(self, ctx: ServerContext, access: Access) -> None:
         conn = ctx.conn
