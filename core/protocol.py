@@ -240,13 +240,14 @@ def push(service: str, values: Any, push_id: str | None = None) -> bytes:
     )
 
 
-def text_frame(payload: bytes) -> bytes:
-    """An unmasked, final RFC 6455 text frame around `payload` (server to client)."""
+def text_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """An unmasked, final RFC 6455 frame around `payload` (server to client): text, or `opcode` 0x2 binary."""
     n = len(payload)
+    first = 0x80 | opcode
     if n < 126:
-        header = bytes((0x81, n))
+        header = bytes((first, n))
     elif n < 65536:
-        header = struct.pack("!BBH", 0x81, 126, n)
+        header = struct.pack("!BBH", first, 126, n)
     else:
-        header = struct.pack("!BBQ", 0x81, 127, n)
+        header = struct.pack("!BBQ", first, 127, n)
     return header + payload

@@ -21,11 +21,11 @@ from typing import Any, Protocol, cast
 from tornado.iostream import IOStream
 from tornado.websocket import WebSocketProtocol13, _WebSocketDelegate, _WebSocketParams
 
-from . import eager
+from . import eager, protocol
 from .errors import CLOSE_HEARTBEAT, CLOSE_SLOW_CONSUMER
 from .wsframes import Binary, Close, Event, Fail, FrameParser, Ping, Pong, Text
 
-__all__ = ["Handover", "WireHandler", "WireSession", "control_frame", "data_frame"]
+__all__ = ["Handover", "WireHandler", "WireSession", "control_frame"]
 
 log = logging.getLogger("fleetpush.wire")
 
@@ -49,20 +49,6 @@ def control_frame(opcode: int, payload: bytes = b"") -> bytes:
     """A final, unmasked control frame (ping 0x9, pong 0xA, close 0x8); payload at most 125 bytes."""
     payload = payload[:125]
     return bytes((0x80 | opcode, len(payload))) + payload
-
-
-def data_frame(message: str | bytes) -> bytes:
-    """A final, unmasked text (str) or binary (bytes) frame."""
-    if isinstance(message, str):
-        opcode, payload = 0x1, message.encode()
-    else:
-        opcode, payload = 0x2, message
-    n = len(payload)
-    if n < 126:
-        return bytes((0x80 | opcode, n)) + payload
-    if n < 65536:
-        return struct.pack("!BBH", 0x80 | opcode, 126, n) + payload
-    return struct.pack("!BBQ", 0x80 | opcode, 127, n) + payload
 
 
 def _close_payload(code: int | None, reason: str) -> bytes:
@@ -330,7 +316,9 @@ class WireSession(asyncio.Protocol):
 
     def send_message(self, message: str | bytes) -> asyncio.Future[None] | None:
         """Write one text or binary message."""
-        return self.write_frames(data_frame(message))
+        if isinstance(message, str):
+            return self.write_frames(protocol.text_frame(message.encode()))
+        return self.write_frames(protocol.text_frame(message, opcode=0x2))
 
     def ping(self) -> None:
         """Send a ping; the peer's pong reaches the handler as on_alive."""
