@@ -145,13 +145,19 @@ class WireSession(asyncio.Protocol):
             return
         self._events.extend(events)
         if self._running is None:
-            if asyncio.current_task() is None:
-                self._handle_ready()
-            else:  # fed from a task (the handover's leftover bytes): eager steps need to run outside one
-                self._running = self.loop.create_task(self._drain_events(None))
+            self._handle_ready()
         if len(self._events) >= _PAUSE_AT and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
+
+    def feed_leftover(self, data: bytes) -> None:
+        """Bytes Tornado read past the upgrade request, fed from the handover's task.
+
+        Queued now, ahead of anything the transport reads next, but handled by a task: eager steps
+        (data_received's) must run outside any task."""
+        self._events.extend(self.parser.feed(data))
+        if self._events and self._running is None:
+            self._running = self.loop.create_task(self._drain_events(None))
 
     def eof_received(self) -> bool:
         """The peer half-closed: let the transport close."""
@@ -265,9 +271,9 @@ class WireSession(asyncio.Protocol):
 
     def _control(self, ev: Event) -> None:
         if isinstance(ev, Ping):
-            t = self.transport
-            if t is not None and t.get_write_buffer_size() > _MAX_UNSENT:
-                log.warning("peer pings but does not read its pongs (%d bytes unsent): cut", t.get_write_buffer_size())
+            unsent = self.transport.get_write_buffer_size() if self.transport is not None else 0
+            if unsent > _MAX_UNSENT:
+                log.warning("peer pings but does not read its pongs (%d bytes unsent): cut", unsent)
                 self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
                 return
             self._write(control_frame(0xA, ev.data))
@@ -383,7 +389,7 @@ async def adopt(stream: IOStream, session: WireSession) -> None:
         session.connection_lost(None)
         return
     if leftover:
-        session.data_received(leftover)
+        session.feed_leftover(leftover)
 
 
 class Handover(WebSocketProtocol13):
