@@ -119,7 +119,12 @@ _snap_seq = itertools.count(1)
 _mock_collection: Any = None
 
 
-def _write_status_embedded(status: Any, devices: Any, snapshots: list[Doc], latest: dict[str, Doc]) -> bool:
+def _latest_by_sn(snapshots: list[Doc]) -> dict[str, Doc]:
+    # The newest snapshot of each device in a batch (they come oldest first).
+    return {s["sn"]: s for s in snapshots}
+
+
+def _write_status_embedded(status: Any, devices: Any, snapshots: list[Doc]) -> bool:
     """Embedded engine: write snapshots and latest status straight into mongomock's collection stores.
 
     The status ingest path writes every report a fleet sends (5k/s at 5k devices); through
@@ -150,7 +155,7 @@ def _write_status_embedded(status: Any, devices: Any, snapshots: list[Doc], late
         oid = doc["_id"] = f"{_SNAP_PREFIX}{next(_snap_seq):010x}"
         docs[oid] = doc
     devs = dstore._documents
-    for sn, snap in latest.items():
+    for sn, snap in _latest_by_sn(snapshots).items():
         device = devs.get(sn)
         if device is not None:  # as update_one without upsert: an unknown device is not created
             device["status"] = _mongo_value(_latest_of(snap))
@@ -496,8 +501,7 @@ class Store:
         so the monitor writes each report inline; on MongoDB it group-commits with insert_status."""
         if not (self.embedded and snapshots):
             return False
-        latest = {s["sn"]: s for s in snapshots}
-        return _write_status_embedded(self.status, self.devices, snapshots, latest)
+        return _write_status_embedded(self.status, self.devices, snapshots)
 
     async def insert_status(self, snapshots: list[Doc], *, checked: bool = False) -> None:
         """Store snapshots and move each device's latest status and last_seen forward.
@@ -509,14 +513,14 @@ class Store:
         if not checked:
             for snap in snapshots:
                 check_storable(snap, "extra")
-        latest: dict[str, Doc] = {}
-        for s in snapshots:
-            latest[s["sn"]] = s
-        if self.embedded and _write_status_embedded(self.status, self.devices, snapshots, latest):
+        if self.insert_status_now(snapshots):
             return
         docs = [dict(s) for s in snapshots]
         await self._call("insert_status", lambda: self.status.insert_many(docs, ordered=False))
-        ops = [({"_id": sn}, {"$set": {"status": _latest_of(s), "last_seen": s["ts"]}}) for sn, s in latest.items()]
+        ops = [
+            ({"_id": sn}, {"$set": {"status": _latest_of(s), "last_seen": s["ts"]}})
+            for sn, s in _latest_by_sn(snapshots).items()
+        ]
         if self.embedded:
             # mongomock's bulk_write does not accept current pymongo operation objects.
             for flt, upd in ops:
