@@ -31,9 +31,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -1029,37 +1030,37 @@ def main(argv: list[str] | None = None) -> int:
         result["versions"] = versions()
         # Servers take turns within each (size, repeat): noise from other work on this shared
         # machine then lands on every server alike instead of on whichever ran during it.
+        def measure(name: str, n: int, rep: int, run: Callable[[], dict[str, Any]],
+                    summarize_run: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any] | None:
+            """One server's turn: its raw result and summary go into `result`; a failure is recorded."""
+            try:
+                raw = run()
+            except RuntimeError as e:
+                log(f"{name} {n} failed: {e}")
+                result["errors"].append(f"{name}@{n}#{rep + 1}: {str(e).splitlines()[0]}")
+                return None
+            if raw.get("devices_ready", 0) < n:
+                log(f"{name} {n}: only {raw.get('devices_ready')} devices logged in")
+            summ = summarize_run(raw)
+            result["runs"].append({"server": name, "conns": n, "repeat": rep, "raw": raw, "summary": summ})
+            return summ
+
         for n in prof.sizes:
             for rep in range(prof.repeats):
                 for t in tgs:
                     run_id = f"{t.name[:2].upper()}{n}r{rep}x{secrets.token_hex(2)}"
                     log(f"{t.name}: {n} connections, repeat {rep + 1}/{prof.repeats}")
-                    try:
-                        raw = run_once(t, n, prof, workdir, run_id, pin_cpus)
-                    except RuntimeError as e:
-                        log(f"{t.name} {n} failed: {e}")
-                        result["errors"].append(f"{t.name}@{n}#{rep + 1}: {str(e).splitlines()[0]}")
-                        continue
-                    if raw.get("devices_ready", 0) < n:
-                        log(f"{t.name} {n}: only {raw.get('devices_ready')} devices logged in")
-                    summ = summarize(raw)
-                    result["runs"].append({"server": t.name, "conns": n, "repeat": rep, "raw": raw, "summary": summ})
-                    brief = summ["broadcast"]["deliveries_per_s"], summ["reqresp"]["replies_per_s"]
-                    log(f"  broadcast {fmt(brief[0])}/s, reqresp {fmt(brief[1])}/s")
+                    summ = measure(t.name, n, rep, partial(run_once, t, n, prof, workdir, run_id, pin_cpus), summarize)
+                    if summ is not None:
+                        brief = summ["broadcast"]["deliveries_per_s"], summ["reqresp"]["replies_per_s"]
+                        log(f"  broadcast {fmt(brief[0])}/s, reqresp {fmt(brief[1])}/s")
                 if xbase is not None:
                     run_id = f"XN{n}r{rep}x{secrets.token_hex(2)}"
                     log(f"{CROSSNODE}: {n} devices on node A, broadcasts sent to node B, repeat {rep + 1}")
-                    try:
-                        raw = run_crossnode(xbase, n, prof, workdir, run_id, pin_cpus)
-                    except RuntimeError as e:
-                        log(f"{CROSSNODE} {n} failed: {e}")
-                        result["errors"].append(f"{CROSSNODE}@{n}#{rep + 1}: {str(e).splitlines()[0]}")
-                        continue
-                    if raw.get("devices_ready", 0) < n:
-                        log(f"{CROSSNODE} {n}: only {raw.get('devices_ready')} devices logged in")
-                    summ = summarize_crossnode(raw)
-                    result["runs"].append({"server": CROSSNODE, "conns": n, "repeat": rep, "raw": raw, "summary": summ})
-                    log(f"  cross-node broadcast {fmt(summ['broadcast']['deliveries_per_s'])}/s")
+                    run = partial(run_crossnode, xbase, n, prof, workdir, run_id, pin_cpus)
+                    summ = measure(CROSSNODE, n, rep, run, summarize_crossnode)
+                    if summ is not None:
+                        log(f"  cross-node broadcast {fmt(summ['broadcast']['deliveries_per_s'])}/s")
         if not args.no_ceiling:
             build_c(CEILING_SRC, CEILING)
             ct = Target("ceiling", [str(CEILING)], dict(os.environ), phases="broadcast,reqresp", bcast_window=32)
