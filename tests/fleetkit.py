@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
+import struct
 from typing import Any
 
 import websockets
@@ -116,6 +118,27 @@ class Client:
         return await self.request("/admin/auth/login", {"username": username, "password": password})
 
 
+def client_frame(opcode: int, payload: bytes, fin: bool = True, masked: bool = True, rsv: int = 0,
+                 mask: bytes | None = None, length: int | None = None) -> bytes:
+    """One RFC 6455 client frame (masked unless told otherwise); `length` overrides the header's length."""
+    n = len(payload) if length is None else length
+    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
+    bit = 0x80 if masked else 0
+    if n < 126:
+        head += bytes([bit | n])
+    elif n < 65536:
+        head += bytes([bit | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([bit | 127]) + struct.pack("!Q", n)
+    if not masked:
+        return head + payload
+    mask = os.urandom(4) if mask is None else mask
+    size = len(payload)
+    key = (mask * (size // 4 + 1))[:size]
+    body = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(size, "big") if size else b""
+    return head + mask + body
+
+
 class RawSocket:
     """A bare RFC 6455 client for what a polite library will not send (bad UTF-8, bad close codes, no reads)."""
 
@@ -154,20 +177,7 @@ class RawSocket:
 
     def send_frame(self, opcode: int, payload: bytes, fin: bool = True) -> None:
         """Write one masked frame."""
-        import os
-        import struct
-
-        mask = os.urandom(4)
-        n = len(payload)
-        head = bytes([(0x80 if fin else 0) | opcode])
-        if n < 126:
-            head += bytes([0x80 | n])
-        elif n < 65536:
-            head += bytes([0x80 | 126]) + struct.pack("!H", n)
-        else:
-            head += bytes([0x80 | 127]) + struct.pack("!Q", n)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.writer.write(head + mask + masked)
+        self.writer.write(client_frame(opcode, payload, fin))
 
     def send_json(self, obj: Any) -> None:
         """A text frame with a JSON envelope."""

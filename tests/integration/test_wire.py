@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from dataclasses import dataclass, field
 import pytest
 import websockets
 from fleetkit import RawSocket
+from fleetkit import client_frame as masked
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application
@@ -103,25 +103,6 @@ async def srv() -> AsyncIterator[EchoServer]:
     await http.close_all_connections()
 
 
-def masked(opcode: int, payload: bytes, fin: bool = True, masked_: bool = True, rsv: int = 0) -> bytes:
-    """One client frame (masked unless told otherwise)."""
-    n = len(payload)
-    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
-    bit = 0x80 if masked_ else 0
-    if n < 126:
-        head += bytes([bit | n])
-    elif n < 65536:
-        head += bytes([bit | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([bit | 127]) + struct.pack("!Q", n)
-    if not masked_:
-        return head + payload
-    mask = os.urandom(4)
-    key = (mask * (n // 4 + 1))[:n]
-    body = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big") if n else b""
-    return head + mask + body
-
-
 async def closed(srv: EchoServer) -> tuple[int | None, str | None]:
     return await asyncio.wait_for(srv.closed.get(), 5)
 
@@ -205,7 +186,7 @@ async def test_pings_are_answered_and_reported(srv: EchoServer) -> None:
         pytest.param([masked(0x1, b"ok \xff")], 1007, id="bad-utf8"),
         pytest.param([masked(0x1, b"ok", fin=False), masked(0x0, b"\xed\xa0\x80", fin=False)], 1007,
                      id="bad-utf8-frag"),
-        pytest.param([masked(0x1, b"hi", masked_=False)], 1002, id="unmasked"),
+        pytest.param([masked(0x1, b"hi", masked=False)], 1002, id="unmasked"),
         pytest.param([masked(0x1, b"hi", rsv=4)], 1002, id="rsv1"),
         pytest.param([masked(0x3, b"")], 1002, id="reserved-opcode"),
         pytest.param([masked(0x0, b"orphan")], 1002, id="orphan-continuation"),

@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import random
 import struct
 
 import pytest
+from fleetkit import client_frame as frame
 
 from core.wsframes import Binary, Close, Event, Fail, FrameParser, Ping, Pong, Text, _unmask_py, unmask
-
-
-def frame(opcode: int, payload: bytes, fin: bool = True, masked: bool = True, rsv: int = 0,
-          mask: bytes | None = None, length: int | None = None) -> bytes:
-    """One client frame; `length` overrides the header's payload length."""
-    n = len(payload) if length is None else length
-    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
-    bit = 0x80 if masked else 0
-    if n < 126:
-        head += bytes([bit | n])
-    elif n < 65536:
-        head += bytes([bit | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([bit | 127]) + struct.pack("!Q", n)
-    if not masked:
-        return head + payload
-    mask = os.urandom(4) if mask is None else mask
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
 def close_frame(code: int | None, reason: bytes = b"") -> bytes:
