@@ -7,16 +7,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import os
 import statistics
-import struct
 import time
 import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
 from conftest import Core, make_settings
-from fleetkit import FLEET_SECRET, RawSocket, _fresh_timestamp, removed
+from fleetkit import FLEET_SECRET, RawSocket, _fresh_timestamp, client_frame, removed
 from relkit import FrameReader
 
 from core.auth import device_token
@@ -25,10 +23,7 @@ from core.broker import Target
 
 def masked_text(payload: bytes) -> bytes:
     """One masked client text frame."""
-    mask = os.urandom(4)
-    n = len(payload)
-    head = bytes([0x81]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack("!H", n))
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return client_frame(0x1, payload)
 
 
 async def raw_device(core: Core, sn: str) -> tuple[RawSocket, FrameReader]:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from conftest import Core, make_settings
 from faultproxy import FaultProxy
-from fleetkit import FLEET_SECRET, RawSocket, _fresh_timestamp, removed
+from fleetkit import FLEET_SECRET, RawSocket, _fresh_timestamp, client_frame, removed
 
 from core.auth import device_token
 from core.clock import ManualClock
@@ -74,10 +74,7 @@ async def test_tcp_reset_mid_frame_cleans_the_hub_without_an_error_storm(
     payload = json.dumps({"service": "/api/device/status", "values": {"location_msg": "x" * 150}}).encode()
     assert len(payload) > 126
     for raw in raws:
-        mask = os.urandom(4)
-        frame = bytes([0x81, 0x80 | 126]) + struct.pack("!H", len(payload)) + mask
-        frame += bytes(b ^ mask[i % 4] for i, b in enumerate(payload[:40]))
-        raw.writer.write(frame)
+        raw.writer.write(client_frame(0x1, payload)[: 4 + 4 + 40])  # header, mask, 40 payload bytes
     await proxy.forwarded_up(before + n * (4 + 4 + 40))
     caplog.clear()
     proxy.reset()
